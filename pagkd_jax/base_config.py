@@ -1,0 +1,85 @@
+"""The default configuration every preset in `configs/` starts from.
+
+Values that follow from others (number of classes, steps per epoch, the normalisation constants) are
+not stored: they are computed where they are used, so an override of the value they depend on can
+never leave them stale.
+"""
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # "teacher": cross-entropy on NBI; "baseline": cross-entropy on WLI; "pagkd": distillation.
+  config.stage = "teacher"
+
+  # ---- data ----------------------------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.manifest = ""  # CSV with path, modality, label, lesion_id[, patient_id, pair_id].
+  data.root = ""  # Or a folder ROOT/<modality>/<class>/*.{jpg,png,...}; used when manifest is "".
+  data.classes = ("hyperplasia", "adenoma", "adenocarcinoma")  # Order = label index.
+  data.num_folds = 5
+  data.fold = 0  # Test fold.
+  data.val_fraction = 0.2  # Of the training patients/lesions, carved out for validation.
+  data.split_seed = 0
+  data.image_size = 448
+  data.group_size = 8  # N_c: images of every class, per modality, in every training batch.
+  data.eval_batch_size = 32  # Fixed; the last batch is padded and masked.
+  data.num_workers = 0  # grain worker processes (0: decode in the main process).
+  data.worker_buffer_size = 2
+  data.normalization = "imagenet"  # "imagenet" (mean/std) or "unit" ([0, 1], as the release).
+  data.augment = aug = ml_collections.ConfigDict()
+  aug.rotate = True  # Integer angle uniform in [-180, 180].
+  aug.hflip = True
+  aug.vflip = True
+  aug.random_resized_crop = False
+  aug.crop_scale = (0.5, 1.0)
+  aug.color_jitter = 0.0  # Strength of brightness/contrast/saturation jitter; 0 disables it.
+  # Synthetic data (configs/synthetic.py); ignored unless data.synthetic.enabled.
+  data.synthetic = syn = ml_collections.ConfigDict()
+  syn.enabled = False
+  syn.out = ""
+  syn.image_size = 128
+  syn.lesions_per_class = 40
+  syn.images_per_lesion = 3
+  syn.paired_fraction = 0.0
+  syn.seed = 0
+
+  # ---- model -----------------------------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.name = "resnet50"  # "resnet50", "resnet18" or "tiny".
+  model.dtype = "float32"  # Compute dtype; "bfloat16" keeps params and BN statistics in float32.
+  model.init_from = ""  # Pretrained backbone (later: imported torchvision/timm weights).
+
+  # ---- optimisation ---------------------------------------------------------------------------
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 1e-4
+  optim.weight_decay = 1e-8  # L2 penalty added to the gradient (the release's Adam).
+  optim.schedule = "constant"  # "constant" or "warmup_cosine".
+  optim.warmup_epochs = 0.0
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.grad_clip_norm = 0.0  # 0 disables clipping.
+
+  # ---- training loop ---------------------------------------------------------------------------
+  config.train = train = ml_collections.ConfigDict()
+  train.epochs = 199.0  # One epoch = ceil(training images of the stage's modality / (C * N_c)).
+  train.num_steps = -1  # > 0 overrides epochs.
+  train.log_every_steps = 10
+  train.eval_every_steps = 200  # Validation (and best-checkpoint selection) cadence.
+  train.checkpoint_every_steps = 200
+  train.keep_latest = 1
+
+  # ---- evaluation --------------------------------------------------------------------------------
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.bootstrap_samples = 1000
+  ev.num_cam_images = 12
+
+  # ---- teacher (stage 2) -------------------------------------------------------------------------
+  config.teacher = teacher = ml_collections.ConfigDict()
+  teacher.workdir = ""  # Trained NBI teacher; "" trains one in WORKDIR/teacher.
+  return config

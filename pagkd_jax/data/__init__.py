@@ -1,0 +1,1 @@
+"""Input side: manifests, leakage-free splits, class-group and evaluation pipelines, synthetic data."""
