@@ -1,0 +1,53 @@
+"""The embedded default: synthetic WLI/NBI endoscopy images, generated on first use.
+
+  python train.py --config=configs/synthetic.py --workdir=runs/synthetic          # the demo budget
+  python train.py --config=configs/synthetic.py:smoke --workdir=/tmp/smoke       # a CPU run of minutes
+
+The images are written to data/synthetic_endoscopy/<size>px_<lesions>l/ beside this repository (ignored by git).
+"""
+
+import os
+
+from pagkd_jax import base_config
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_config(arg: str | None = None):
+  config = base_config.get_config()
+  config.stage = "teacher"
+  data = config.data
+  data.synthetic.enabled = True
+  data.synthetic.image_size = 96
+  data.synthetic.lesions_per_class = 60
+  data.synthetic.images_per_lesion = 3
+  data.num_folds = 5
+  data.image_size = 64
+  data.group_size = 8
+  data.eval_batch_size = 64
+  data.normalization = "imagenet"
+  config.model.name = "tiny"
+  config.optim.learning_rate = 3e-3
+  config.optim.schedule = "warmup_cosine"
+  config.optim.warmup_epochs = 1.0
+  config.train.epochs = 60.0
+  config.train.log_every_steps = 20
+  config.train.eval_every_steps = 100
+  config.train.checkpoint_every_steps = 100
+
+  if arg == "smoke":
+    data.synthetic.lesions_per_class = 24
+    data.synthetic.image_size = 64
+    data.image_size = 48
+    data.eval_batch_size = 32
+    config.train.epochs = 30.0
+    config.train.log_every_steps = 10
+    config.train.eval_every_steps = 50
+    config.train.checkpoint_every_steps = 50
+  elif arg:
+    raise ValueError(f"Unknown argument {arg!r} for configs/synthetic.py; expected nothing or 'smoke'.")
+
+  s = data.synthetic
+  s.out = os.path.join(_REPO, "data", "synthetic_endoscopy",
+                       f"{s.image_size}px_{s.lesions_per_class}l_{s.images_per_lesion}v_seed{s.seed}")
+  return config

@@ -1,0 +1,93 @@
+"""Orbax checkpoints of a run: `latest` (state + data-iterator position, for exact resume) and `best`
+(the model variables with the best validation AUC, for evaluation).
+
+Layout: WORKDIR/checkpoints/latest/<step>/{state,data_iter,meta} and WORKDIR/checkpoints/best/<step>/variables.
+Orbax writes each checkpoint to a temporary folder and renames it when complete, so an interrupted save never
+leaves a checkpoint that looks finished.
+"""
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+def abstract_like(tree, sharding) -> Any:
+  """ShapeDtypeStruct targets with `sharding`, to restore onto this run's device layout."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+class RunCheckpoints:
+  """The two checkpoint managers of one workdir."""
+
+  def __init__(self, workdir: str, keep_latest: int = 1, async_save: bool = True):
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.latest = ocp.CheckpointManager(
+        os.path.join(root, "latest"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True,
+                                             enable_async_checkpointing=async_save))
+    self.best = ocp.CheckpointManager(
+        os.path.join(root, "best"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, best_fn=lambda m: m["val_auc"],
+                                             best_mode="max", enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self.latest.latest_step()
+
+  def save_latest(self, step: int, state, data_iter, meta: dict) -> None:
+    self.latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore_latest(self, abstract_state, data_iter) -> tuple[Any, dict]:
+    step = self.latest.latest_step()
+    restored = self.latest.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+        meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+  def save_best(self, step: int, variables, val_auc: float) -> None:
+    # A run resumed from before a crash may reach a step whose best checkpoint it already wrote.
+    if step in self.best.all_steps():
+      self.best.wait_until_finished()
+      self.best.delete(step)
+    self.best.save(step, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables)),
+                   metrics={"val_auc": float(val_auc)}, force=True)
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def restore_model_variables(workdir: str, abstract_variables, which: str = "best") -> tuple[Any, int, str]:
+  """Restores {"params", "batch_stats"} from `which` ("best", falling back to "latest"; or "latest").
+
+  Returns (variables, step, kind). Raises FileNotFoundError naming the workdir when it has no checkpoint.
+  """
+  root = os.path.join(os.path.abspath(workdir), "checkpoints")
+  order = ["best", "latest"] if which == "best" else ["latest"]
+  for kind in order:
+    path = os.path.join(root, kind)
+    if not os.path.isdir(path):
+      continue
+    mgr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+    step = mgr.latest_step()
+    if step is None:
+      continue
+    if kind == "best":
+      restored = mgr.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables)))
+      variables = restored.variables
+    else:
+      abstract_state = {"params": abstract_variables["params"], "batch_stats": abstract_variables["batch_stats"]}
+      restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=abstract_state, partial_restore=True)))
+      variables = {"params": restored.state["params"], "batch_stats": restored.state["batch_stats"]}
+    mgr.close()
+    return variables, step, kind
+  raise FileNotFoundError(f"No checkpoint in {root}: train first with `python train.py --workdir={workdir}`.")

@@ -1,0 +1,1 @@
+"""Evaluation: metrics with lesion-level bootstrap intervals; ROC, confusion and CAM figures."""

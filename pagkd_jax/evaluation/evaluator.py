@@ -1,0 +1,136 @@
+"""Test-split evaluation of trained workdirs: metrics with lesion-bootstrap intervals, ROC, confusion matrix
+and CAM overlays. Several workdirs (the folds of a cross-validation) are also pooled into one report."""
+
+import csv
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from pagkd_jax import checkpointing
+from pagkd_jax import experiment
+from pagkd_jax import mesh as mesh_lib
+from pagkd_jax.data import augment
+from pagkd_jax.data import image_io
+from pagkd_jax.evaluation import figures
+from pagkd_jax.evaluation import inference
+from pagkd_jax.evaluation import metrics as metrics_lib
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir (train.py writes it).")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _check_same_test_split(workdir: str, test_records) -> None:
+  """The test images recomputed from the config must be those recorded in WORKDIR/splits.csv at training."""
+  path = os.path.join(workdir, "splits.csv")
+  if not os.path.exists(path):
+    return
+  with open(path, newline="") as f:
+    then = {(row["path"], row["modality"]) for row in csv.DictReader(f) if row["split"] == "test"}
+  modalities = {r.modality for r in test_records}
+  then = sorted(p for p, m in then if m in modalities)
+  now = sorted(r.path for r in test_records)
+  if now != then:
+    missing = sorted(set(then) - set(now))[:5]
+    extra = sorted(set(now) - set(then))[:5]
+    raise ValueError(f"The test split of {workdir} differs from {path} (the data or the split settings changed "
+                     f"since training): missing {missing}, new {extra}.")
+
+
+def _write_report(out_dir: str, report: dict, labels, probs, classes) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  figures.plot_roc(labels, probs, classes, os.path.join(out_dir, "roc.png"))
+  figures.plot_confusion(np.asarray(report["confusion_matrix"]), classes, os.path.join(out_dir, "confusion.png"))
+
+
+def evaluate_workdir(workdir: str, which: str = "best") -> dict:
+  """Evaluates one workdir's model on its test split; writes WORKDIR/eval/. Returns arrays for pooling."""
+  workdir = os.path.abspath(workdir)
+  config = load_config(workdir)
+  data = experiment.load_split_data(config)
+  classes = data.classes
+  modality = experiment.stage_modality(config.stage)
+  test_records = data.select("test", modality)
+  if not test_records:
+    raise ValueError(f"{workdir}: the test split has no {modality.upper()} images.")
+  _check_same_test_split(workdir, test_records)
+
+  mesh = mesh_lib.make_mesh()
+  model = experiment.build_model(config)
+  size = config.data.image_size
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  abstract = checkpointing.abstract_like(dict(abstract), mesh_lib.replicated(mesh))
+  variables, step, kind = checkpointing.restore_model_variables(workdir, abstract, which)
+  logging.info("%s: evaluating the %s checkpoint (step %d) on %d test %s images", workdir, kind, step,
+               len(test_records), modality.upper())
+
+  predict_fn = inference.make_predict_fn(model, config.data.normalization, mesh)
+  probs = inference.predict_records(predict_fn, variables, test_records, image_size=size,
+                                    batch_size=config.data.eval_batch_size, mesh=mesh,
+                                    num_workers=config.data.num_workers)
+  labels = np.asarray([r.label for r in test_records])
+  groups = np.asarray([r.group_key for r in test_records])
+  report = metrics_lib.classification_report(labels, probs, classes, groups=groups,
+                                             n_bootstrap=config.eval.bootstrap_samples, seed=config.seed)
+  report.update({"workdir": workdir, "stage": config.stage, "modality": modality, "checkpoint": kind,
+                 "checkpoint_step": int(step), "fold": int(config.data.fold)})
+  if jax.process_index() == 0:
+    out_dir = os.path.join(workdir, "eval")
+    _write_report(out_dir, report, labels, probs, classes)
+    _write_cams(out_dir, model, variables, config, test_records, probs, classes)
+    logging.info("%s: test AUC %s, accuracy %.4f, macro F1 %.4f -> %s/metrics.json", workdir, report["auc"],
+                 report["accuracy"], report["f1_macro"], out_dir)
+  return {"report": report, "labels": labels, "probs": probs, "groups": groups, "classes": classes,
+          "seed": int(config.seed), "bootstrap": int(config.eval.bootstrap_samples)}
+
+
+def _write_cams(out_dir, model, variables, config, records, probs, classes) -> None:
+  n = min(config.eval.num_cam_images, len(records))
+  if n == 0:
+    return
+  picks = np.linspace(0, len(records) - 1, n).round().astype(int)
+  images = np.stack([augment.preprocess_eval(image_io.read_image(records[i]), config.data.image_size)
+                     for i in picks])
+  preds = probs[picks].argmax(-1)
+  cam_fn = inference.make_cam_fn(model, config.data.normalization)
+  cams = np.asarray(cam_fn(jax.device_get(variables), jnp.asarray(images), jnp.asarray(preds)))
+  titles = [f"true: {classes[records[i].label]} / pred: {classes[p]} ({probs[i, p]:.2f})"
+            for i, p in zip(picks, preds)]
+  figures.save_cam_overlays(images, cams, os.path.join(out_dir, "cams"), titles)
+
+
+def evaluate(workdirs: list[str], out: str | None = None, which: str = "best") -> dict:
+  """Evaluates each workdir; with several, also writes a pooled report to `out` (default:
+  FIRST_WORKDIR/eval_pooled). Returns the pooled report (or the single one)."""
+  results = [evaluate_workdir(w, which) for w in workdirs]
+  if len(results) == 1:
+    return results[0]["report"]
+  classes = results[0]["classes"]
+  for w, r in zip(workdirs, results):
+    if tuple(r["classes"]) != tuple(classes):
+      raise ValueError(f"Cannot pool {w}: its classes {list(r['classes'])} differ from {list(classes)} of "
+                       f"{workdirs[0]}.")
+  labels = np.concatenate([r["labels"] for r in results])
+  probs = np.concatenate([r["probs"] for r in results])
+  groups = np.concatenate([np.char.add(f"{i}:", r["groups"].astype(str)) for i, r in enumerate(results)])
+  pooled = metrics_lib.classification_report(labels, probs, classes, groups=groups,
+                                             n_bootstrap=results[0]["bootstrap"], seed=results[0]["seed"])
+  pooled["per_fold"] = [r["report"] for r in results]
+  pooled["fold_summary"] = metrics_lib.per_fold_summary([r["report"] for r in results])
+  pooled["workdirs"] = [os.path.abspath(w) for w in workdirs]
+  out_dir = os.path.abspath(out) if out else os.path.join(os.path.abspath(workdirs[0]), "eval_pooled")
+  if jax.process_index() == 0:
+    _write_report(out_dir, pooled, labels, probs, classes)
+    logging.info("Pooled %d workdirs: test AUC %s -> %s/metrics.json", len(workdirs), pooled["auc"], out_dir)
+  return pooled

@@ -1,0 +1,53 @@
+"""Class probabilities of a model over a list of records, batched, sharded over the mesh, each image once."""
+
+import jax
+import numpy as np
+
+from pagkd_jax import mesh as mesh_lib
+from pagkd_jax.data import eval_batches
+from pagkd_jax.data.normalization import normalize_images
+from pagkd_jax.models.cam import class_activation_map
+
+
+def make_predict_fn(model, normalization: str, mesh):
+  """Jitted predict(variables, batch) -> {"probs": (B, C), "index": (B,), "mask": (B,)}, replicated."""
+
+  def predict(variables, batch):
+    logits, _ = model.apply(variables, normalize_images(batch["image"], normalization), train=False)
+    return {"probs": jax.nn.softmax(logits), "index": batch["index"], "mask": batch["mask"]}
+
+  return jax.jit(predict, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.eval_batch_sharding(mesh)),
+                 out_shardings=mesh_lib.replicated(mesh))
+
+
+def predict_records(predict_fn, variables, records, *, image_size: int, batch_size: int, mesh,
+                    num_workers: int = 0) -> np.ndarray:
+  """Probabilities (N, C) of `records`, in their order. Every record is predicted exactly once."""
+  mesh_lib.check_divisible("data.eval_batch_size", batch_size, mesh)
+  sharding = mesh_lib.eval_batch_sharding(mesh)
+  probs = None
+  seen = np.zeros(len(records), np.int64)
+  for local in eval_batches.make_eval_iterator(records, image_size=image_size, batch_size=batch_size,
+                                               process_index=jax.process_index(),
+                                               process_count=jax.process_count(), num_workers=num_workers):
+    batch = {k: mesh_lib.global_array(v, sharding, (batch_size,) + v.shape[1:]) for k, v in local.items()}
+    out = jax.device_get(predict_fn(variables, batch))
+    valid = out["mask"].astype(bool)
+    if probs is None:
+      probs = np.zeros((len(records), out["probs"].shape[-1]), np.float32)
+    idx = out["index"][valid]
+    probs[idx] = out["probs"][valid]
+    np.add.at(seen, idx, 1)
+  if len(records) and not np.all(seen == 1):
+    raise RuntimeError(f"Evaluation visited images {np.flatnonzero(seen != 1)[:10]} not exactly once.")
+  return probs if probs is not None else np.zeros((0, 0), np.float32)
+
+
+def make_cam_fn(model, normalization: str):
+  """Jitted cams(variables, images (B, H, W, 3) uint8, classes (B,)) -> (B, h, w) in [0, 1]."""
+
+  def cams(variables, images, classes):
+    _, features = model.apply(variables, normalize_images(images, normalization), train=False)
+    return class_activation_map(features, variables["params"]["fc"]["kernel"], classes)
+
+  return jax.jit(cams)

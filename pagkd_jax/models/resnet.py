@@ -1,0 +1,149 @@
+"""ResNet in the torchvision v1.5 layout (stride on the 3x3 convolution), as a functional Flax Linen module.
+
+One call returns the logits and the layer4 feature map, the two things PaGKD needs from each backbone (spec 3).
+Parameters and BatchNorm statistics are float32; `dtype` sets the compute precision (bfloat16 on GPUs).
+Submodule names follow torchvision (`conv1`, `bn1`, `layer1_0`, ..., `fc`) so imported weights map one to one.
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# He-normal (fan_out) for convolutions, as torchvision initialises ResNets.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions (ResNet-18/34)."""
+
+  width: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False,
+                                        kernel_init=_conv_init, dtype=self.dtype, name=name)
+    norm = lambda name, zero=False: nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name,
+        scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
+    y = nn.relu(norm("bn1")(conv(self.width, 3, self.stride, "conv1")(x)))
+    y = norm("bn2", zero=True)(conv(self.width, 3, 1, "conv2")(y))
+    if x.shape[-1] != self.width or self.stride != 1:
+      x = norm("downsample_bn")(conv(self.width, 1, self.stride, "downsample_conv")(x))
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided, v1.5) -> 1x1 with 4x expansion (ResNet-50/101)."""
+
+  width: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False,
+                                        kernel_init=_conv_init, dtype=self.dtype, name=name)
+    norm = lambda name, zero=False: nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name,
+        scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
+    out = self.width * self.expansion
+    y = nn.relu(norm("bn1")(conv(self.width, 1, 1, "conv1")(x)))
+    y = nn.relu(norm("bn2")(conv(self.width, 3, self.stride, "conv2")(y)))
+    y = norm("bn3", zero=True)(conv(out, 1, 1, "conv3")(y))
+    if x.shape[-1] != out or self.stride != 1:
+      x = norm("downsample_bn")(conv(out, 1, self.stride, "downsample_conv")(x))
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """ResNet classifier.
+
+  Attributes:
+    stage_sizes: blocks per stage (layer1..layer4).
+    block: `BasicBlock` or `Bottleneck`.
+    num_classes: size of the linear head.
+    base_width: channels of conv1 and of layer1's blocks (64 in torchvision).
+    stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool, total stride 32) or "small" (3x3/1 conv, no pool,
+      total stride 8: the tiny test preset).
+    dtype: compute dtype; parameters and BatchNorm statistics stay float32.
+  """
+
+  stage_sizes: Sequence[int]
+  block: Any
+  num_classes: int
+  base_width: int = 64
+  stem: str = "imagenet"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    """images (B, H, W, 3) float -> (logits (B, num_classes) float32, features (B, h, w, F)).
+
+    h = H / 32 (H / 8 for the small stem); F = 8 * base_width * expansion (2048 for ResNet-50).
+    """
+    x = images.astype(self.dtype)
+    if self.stem == "imagenet":
+      x = nn.Conv(self.base_width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
+                  kernel_init=_conv_init, dtype=self.dtype, name="conv1")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                       name="bn1")(x)
+      x = nn.relu(x)
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
+    elif self.stem == "small":
+      x = nn.Conv(self.base_width, (3, 3), (1, 1), padding=[(1, 1), (1, 1)], use_bias=False,
+                  kernel_init=_conv_init, dtype=self.dtype, name="conv1")(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                               dtype=self.dtype, name="bn1")(x))
+    else:
+      raise ValueError(f"Unknown ResNet stem {self.stem!r}; expected 'imagenet' or 'small'.")
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for b in range(num_blocks):
+        stride = 2 if stage > 0 and b == 0 else 1
+        x = self.block(self.base_width * 2**stage, stride, dtype=self.dtype,
+                       name=f"layer{stage + 1}_{b}")(x, train)
+    features = x
+    pooled = jnp.mean(features.astype(jnp.float32), axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="fc")(pooled)
+    return logits, features
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  stage_sizes: tuple[int, ...]
+  block: Any
+  base_width: int = 64
+  stem: str = "imagenet"
+
+
+PRESETS = {
+    "resnet18": Preset((2, 2, 2, 2), BasicBlock),
+    "resnet34": Preset((3, 4, 6, 3), BasicBlock),
+    "resnet50": Preset((3, 4, 6, 3), Bottleneck),
+    "resnet101": Preset((3, 4, 23, 3), Bottleneck),
+    # For tests and CPU smoke runs: 4 stages of one basic block, 8..64 channels, stride 8.
+    "tiny": Preset((1, 1, 1, 1), BasicBlock, base_width=8, stem="small"),
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def create_resnet(name: str, num_classes: int, dtype: str = "float32") -> ResNet:
+  """Builds a preset by name ("resnet18", "resnet34", "resnet50", "resnet101", "tiny")."""
+  if name not in PRESETS:
+    raise ValueError(f"Unknown model {name!r}; known presets: {sorted(PRESETS)}.")
+  if dtype not in DTYPES:
+    raise ValueError(f"Unknown model dtype {dtype!r}; expected one of {sorted(DTYPES)}.")
+  p = PRESETS[name]
+  return ResNet(stage_sizes=p.stage_sizes, block=p.block, num_classes=num_classes, base_width=p.base_width,
+                stem=p.stem, dtype=DTYPES[dtype])
+
+
+def feature_stride(name: str) -> int:
+  """Input pixels per layer4 position (32 for the torchvision stem, 8 for the tiny preset)."""
+  return 32 if PRESETS[name].stem == "imagenet" else 8

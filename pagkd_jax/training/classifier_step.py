@@ -1,0 +1,53 @@
+"""Update function of the single-modality stages: the NBI teacher and the WLI-only baseline.
+
+Cross-entropy on a class-group batch {modality: (C, K, H, W, 3) uint8, "label": (C,)}. The function is pure; the
+trainer jits it once with explicit shardings and donates the state.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pagkd_jax.data.normalization import normalize_images
+from pagkd_jax.training.train_state import TrainState
+
+
+def flatten_groups(x: jax.Array) -> jax.Array:
+  """(C, K, ...) -> (K * C, ...), K-major, so a device's K-shard stays one contiguous block of the batch."""
+  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+
+def group_labels(labels: jax.Array, group_size: int) -> jax.Array:
+  """(C,) class of each group -> (K * C,) label of each image of `flatten_groups`."""
+  return jnp.tile(labels, group_size)
+
+
+def make_classifier_update(model, tx, *, modality: str, normalization: str) -> Callable:
+  """Returns update(state, batch) -> (state, metrics) for cross-entropy training on `modality`."""
+
+  def update(state: TrainState, batch):
+    images = batch[modality]
+    labels = group_labels(batch["label"], images.shape[1])
+    x = normalize_images(flatten_groups(images), normalization)
+
+    def loss_fn(params):
+      (logits, _), new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                                          mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, (logits, new_vars["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "loss_cls": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return update

@@ -1,0 +1,150 @@
+"""The training loop: data, model, one jitted update over the device mesh, validation, checkpoints, logs.
+
+`train_and_evaluate(config, workdir)` trains the stage named by `config.stage` and resumes from the latest
+checkpoint in `workdir` when there is one: the state and the data-iterator position are restored, so the
+resumed run takes exactly the steps an uninterrupted run would.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from pagkd_jax import checkpointing
+from pagkd_jax import experiment
+from pagkd_jax import mesh as mesh_lib
+from pagkd_jax.data import class_groups
+from pagkd_jax.evaluation import inference
+from pagkd_jax.evaluation import metrics as metrics_lib
+from pagkd_jax.training import classifier_step
+from pagkd_jax.training import metric_log
+from pagkd_jax.training import optimizer as optimizer_lib
+from pagkd_jax.training.train_state import create_train_state
+
+
+def write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  return max(1, math.ceil(config.train.epochs * steps_per_epoch))
+
+
+def validate(predict_fn, variables, records, classes, config, mesh) -> dict:
+  """Validation metrics (AUC, accuracy, macro F1) of `variables` on `records`."""
+  probs = inference.predict_records(predict_fn, variables, records, image_size=config.data.image_size,
+                                    batch_size=config.data.eval_batch_size, mesh=mesh,
+                                    num_workers=config.data.num_workers)
+  labels = np.asarray([r.label for r in records])
+  report = metrics_lib.classification_report(labels, probs, classes, n_bootstrap=0)
+  nll = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+  return {"auc": report["auc"], "accuracy": report["accuracy"], "f1_macro": report["f1_macro"], "loss": nll}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config.stage` in `workdir`; returns the last validation metrics."""
+  if config.stage not in ("teacher", "baseline"):
+    raise ValueError(f"config.stage={config.stage!r} is not available yet; use 'teacher' or 'baseline'.")
+  return train_classifier(config, workdir)
+
+
+def train_classifier(config, workdir: str) -> dict:
+  """Stage "teacher" (cross-entropy on NBI) or "baseline" (cross-entropy on WLI)."""
+  workdir = os.path.abspath(workdir)
+  modality = experiment.stage_modality(config.stage)
+  write_config(config, workdir)
+  data = experiment.load_split_data(config, workdir)
+  classes = data.classes
+  train_records = data.select("train", modality)
+  val_records = data.select("val", modality)
+  num_classes, group_size, size = len(classes), config.data.group_size, config.data.image_size
+
+  mesh = mesh_lib.make_mesh()
+  mesh_lib.check_divisible("data.group_size", group_size, mesh)
+  if group_size % jax.process_count():
+    raise ValueError(f"data.group_size={group_size} must be a multiple of the number of processes "
+                     f"({jax.process_count()}).")
+  steps_per_epoch = class_groups.steps_per_epoch(train_records, classes, modality, group_size)
+  num_steps = total_steps(config, steps_per_epoch)
+  logging.info("stage %s: %d training images, %d steps per epoch, %d steps on %d devices", config.stage,
+               len(train_records), steps_per_epoch, num_steps, mesh.devices.size)
+
+  model = experiment.build_model(config)
+  tx = optimizer_lib.make_optimizer(config.optim, num_steps, steps_per_epoch)
+  replicated = mesh_lib.replicated(mesh)
+
+  def init_state(rng):
+    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    return create_train_state(variables, tx)
+
+  state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed))
+
+  train_iter = class_groups.make_train_iterator(
+      train_records, classes=classes, modalities=(modality,), group_size=group_size, image_size=size,
+      aug_config=config.data.augment, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=config.data.num_workers,
+      worker_buffer_size=config.data.worker_buffer_size)
+
+  ckpts = checkpointing.RunCheckpoints(workdir, keep_latest=config.train.keep_latest)
+  meta = {"best_val_auc": None, "best_step": None}
+  if ckpts.latest_step() is not None:
+    state, meta = ckpts.restore_latest(checkpointing.abstract_like(state, replicated), train_iter)
+    logging.info("Resumed from step %d in %s", int(state.step), workdir)
+  start_step = int(state.step)
+
+  group_sharding = mesh_lib.group_batch_sharding(mesh)
+  batch_shardings = {modality: group_sharding, "label": replicated}
+  update = jax.jit(
+      classifier_step.make_classifier_update(model, tx, modality=modality,
+                                             normalization=config.data.normalization),
+      in_shardings=(replicated, batch_shardings), out_shardings=(replicated, replicated), donate_argnums=0)
+  predict_fn = inference.make_predict_fn(model, config.data.normalization, mesh)
+
+  def to_global(local):
+    return {modality: mesh_lib.global_array(local[modality], group_sharding,
+                                            (num_classes, group_size, size, size, 3)),
+            "label": mesh_lib.global_array(local["label"], replicated, (num_classes,))}
+
+  log = metric_log.MetricLog(workdir)
+  progress = metric_log.Progress(num_steps, num_classes * group_size, start_step)
+  pending = []
+  val = {}
+  t_start = time.perf_counter()
+  for step in range(start_step + 1, num_steps + 1):
+    state, step_metrics = update(state, to_global(next(train_iter)))
+    pending.append(step_metrics)
+    last = step == num_steps
+    if step % config.train.log_every_steps == 0 or last:
+      means = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
+      pending = []
+      scalars = {f"train/{k}": v for k, v in means.items()}
+      scalars["train/epoch"] = step / steps_per_epoch
+      scalars.update(progress.report(step, scalars))
+      log.write(step, scalars)
+    if step % config.train.eval_every_steps == 0 or last:
+      variables = {"params": state.params, "batch_stats": state.batch_stats}
+      val = validate(predict_fn, variables, val_records, classes, config, mesh)
+      log.write(step, {f"val/{k}": v for k, v in val.items() if v is not None})
+      logging.info("step %d validation: %s", step, json.dumps(val))
+      best = meta["best_val_auc"]
+      if val["auc"] is not None and (best is None or val["auc"] > best):
+        meta = {"best_val_auc": float(val["auc"]), "best_step": step}
+        ckpts.save_best(step, variables, val["auc"])
+    if step % config.train.checkpoint_every_steps == 0 or last:
+      ckpts.save_latest(step, state, train_iter, meta)
+  ckpts.wait()
+  ckpts.close()
+  log.close()
+  logging.info("Finished %s in %.1f s; best validation AUC %s at step %s", config.stage,
+               time.perf_counter() - t_start, meta["best_val_auc"], meta["best_step"])
+  return {"val": val, **meta}
