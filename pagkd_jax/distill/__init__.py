@@ -1,0 +1,1 @@
+"""Group-level distillation: GKD-Pro and GKD-Den."""
