@@ -6,6 +6,7 @@ never leave them stale.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,5 +82,32 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- teacher (stage 2) -------------------------------------------------------------------------
   config.teacher = teacher = ml_collections.ConfigDict()
-  teacher.workdir = ""  # Trained NBI teacher; "" trains one in WORKDIR/teacher.
+  teacher.workdir = ""  # Trained NBI teacher; "" trains one in WORKDIR/teacher first.
+
+  # ---- distillation (stage "pagkd"; spec sections 4-6) -------------------------------------------
+  config.distill = d = ml_collections.ConfigDict()
+  d.variant = "paper"  # "paper" or "release" (the public code's losses and LR-QFormer; spec 4-5).
+  d.level = "group"  # "group" (PaGKD) or "image" (ablation: each WLI image with one same-class NBI image).
+  d.embed_dim = 128  # d of the bias-free 1x1 group-feature embeddings (student, and teacher side).
+  d.warmup_epochs = 5.0  # Cross-entropy only before this.
+  # GKD-Pro (spec 4).
+  d.use_pro = True
+  d.lambda_pro = config_dict.placeholder(float)  # None: 1 (paper) or 0.001 (release).
+  d.prototypes = "qformer"  # "qformer" or "avg_pool" (ablation: LR-QFormer replaced by average pooling).
+  d.num_queries = 12  # N_q.
+  d.qformer_layers = 2  # T (paper variant).
+  d.qformer_heads = config_dict.placeholder(int)  # None: 8 (paper) or 16 (release).
+  d.temperature = 0.1  # tau of the paper's InfoNCE.
+  # GKD-Den (spec 5).
+  d.use_den = True
+  d.lambda_den = 1.0
+  d.masked = True  # False: ablation "SRCA replaced by unmasked cross-attention".
+  d.bidirectional = True  # False: ablation "unidirectional NBI -> WLI".
+  d.proj_dim = config_dict.placeholder(int)  # None: embed_dim // 4.
+  d.thresholds = (0.7, 0.3)  # Dual threshold: lesion above the first, background below the second.
+  d.par_iters = 10
+  d.par_dilations = (1, 2, 4, 8)
+  d.par_downscale = 2
+  d.par_temperature = 0.3
+  d.par_pos_weight = 0.0  # 0 as the release; ToCo/AFA's PAR uses 0.01.
   return config

@@ -4,6 +4,7 @@ Cross-entropy on a class-group batch {modality: (C, K, H, W, 3) uint8, "label": 
 trainer jits it once with explicit shardings and donates the state.
 """
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from pagkd_jax.data.normalization import normalize_images
-from pagkd_jax.training.train_state import TrainState
+from pagkd_jax.training.train_state import TrainState, create_train_state
 
 
 def flatten_groups(x: jax.Array) -> jax.Array:
@@ -51,3 +52,26 @@ def make_classifier_update(model, tx, *, modality: str, normalization: str) -> C
     return new_state, metrics
 
   return update
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierProgram:
+  """What `trainer.run_stage` trains for the teacher and baseline stages: the ResNet alone."""
+
+  modality: str
+  frozen: tuple = ()
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    return (self.modality,)
+
+  def init_state(self, model, tx, rng, config) -> TrainState:
+    size = config.data.image_size
+    return create_train_state(model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False), tx)
+
+  def make_update(self, model, tx, config, steps_per_epoch: int) -> Callable:
+    del steps_per_epoch  # No schedule of its own beyond the optimiser's.
+    return make_classifier_update(model, tx, modality=self.modality, normalization=config.data.normalization)
+
+  def eval_variables(self, state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}

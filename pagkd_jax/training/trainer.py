@@ -11,7 +11,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -24,7 +23,6 @@ from pagkd_jax.evaluation import metrics as metrics_lib
 from pagkd_jax.training import classifier_step
 from pagkd_jax.training import metric_log
 from pagkd_jax.training import optimizer as optimizer_lib
-from pagkd_jax.training.train_state import create_train_state
 
 
 def write_config(config, workdir: str) -> None:
@@ -52,20 +50,28 @@ def validate(predict_fn, variables, records, classes, config, mesh) -> dict:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config.stage` in `workdir`; returns the last validation metrics."""
-  if config.stage not in ("teacher", "baseline"):
-    raise ValueError(f"config.stage={config.stage!r} is not available yet; use 'teacher' or 'baseline'.")
-  return train_classifier(config, workdir)
+  """Trains `config.stage` in `workdir`; returns the last validation metrics and the best checkpoint's."""
+  modality = experiment.stage_modality(config.stage)
+  if config.stage == "pagkd":
+    from pagkd_jax.training import pagkd_step  # The distillation stage, with its teacher.
+    return pagkd_step.train_student(config, workdir, run_stage)
+  return run_stage(config, workdir, classifier_step.ClassifierProgram(modality))
 
 
-def train_classifier(config, workdir: str) -> dict:
-  """Stage "teacher" (cross-entropy on NBI) or "baseline" (cross-entropy on WLI)."""
+def run_stage(config, workdir: str, program) -> dict:
+  """The loop shared by every stage; `program` says what is trained (see `classifier_step.ClassifierProgram`).
+
+  `program.modalities`: the modalities its batches hold; `program.init_state(model, tx, rng)`;
+  `program.make_update(model, tx, config, steps_per_epoch)` -> pure update(state, batch, *frozen) -> (state, metrics);
+  `program.frozen`: extra inputs of the update that are never trained, donated or checkpointed (a teacher);
+  `program.eval_variables(state)`: the {"params", "batch_stats"} of the classifier that is evaluated.
+  """
   workdir = os.path.abspath(workdir)
   modality = experiment.stage_modality(config.stage)
   write_config(config, workdir)
   data = experiment.load_split_data(config, workdir)
   classes = data.classes
-  train_records = data.select("train", modality)
+  train_records = data.select("train", None)
   val_records = data.select("val", modality)
   num_classes, group_size, size = len(classes), config.data.group_size, config.data.image_size
 
@@ -76,21 +82,18 @@ def train_classifier(config, workdir: str) -> dict:
                      f"({jax.process_count()}).")
   steps_per_epoch = class_groups.steps_per_epoch(train_records, classes, modality, group_size)
   num_steps = total_steps(config, steps_per_epoch)
-  logging.info("stage %s: %d training images, %d steps per epoch, %d steps on %d devices", config.stage,
-               len(train_records), steps_per_epoch, num_steps, mesh.devices.size)
+  logging.info("stage %s: %d training %s images, %d steps per epoch, %d steps on %d devices", config.stage,
+               sum(r.modality == modality for r in train_records), modality.upper(), steps_per_epoch,
+               num_steps, mesh.devices.size)
 
   model = experiment.build_model(config)
   tx = optimizer_lib.make_optimizer(config.optim, num_steps, steps_per_epoch)
   replicated = mesh_lib.replicated(mesh)
-
-  def init_state(rng):
-    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
-    return create_train_state(variables, tx)
-
-  state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed))
+  state = jax.jit(lambda rng: program.init_state(model, tx, rng, config), out_shardings=replicated)(
+      jax.random.key(config.seed))
 
   train_iter = class_groups.make_train_iterator(
-      train_records, classes=classes, modalities=(modality,), group_size=group_size, image_size=size,
+      train_records, classes=classes, modalities=program.modalities, group_size=group_size, image_size=size,
       aug_config=config.data.augment, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), num_workers=config.data.num_workers,
       worker_buffer_size=config.data.worker_buffer_size)
@@ -103,25 +106,27 @@ def train_classifier(config, workdir: str) -> dict:
   start_step = int(state.step)
 
   group_sharding = mesh_lib.group_batch_sharding(mesh)
-  batch_shardings = {modality: group_sharding, "label": replicated}
-  update = jax.jit(
-      classifier_step.make_classifier_update(model, tx, modality=modality,
-                                             normalization=config.data.normalization),
-      in_shardings=(replicated, batch_shardings), out_shardings=(replicated, replicated), donate_argnums=0)
+  batch_shardings = {m: group_sharding for m in program.modalities}
+  batch_shardings["label"] = replicated
+  frozen = jax.device_put(program.frozen, replicated)
+  update = jax.jit(program.make_update(model, tx, config, steps_per_epoch),
+                   in_shardings=(replicated, batch_shardings) + (replicated,) * len(frozen),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
   predict_fn = inference.make_predict_fn(model, config.data.normalization, mesh)
+  group_shape = (num_classes, group_size, size, size, 3)
 
   def to_global(local):
-    return {modality: mesh_lib.global_array(local[modality], group_sharding,
-                                            (num_classes, group_size, size, size, 3)),
-            "label": mesh_lib.global_array(local["label"], replicated, (num_classes,))}
+    batch = {m: mesh_lib.global_array(local[m], group_sharding, group_shape) for m in program.modalities}
+    batch["label"] = mesh_lib.global_array(local["label"], replicated, (num_classes,))
+    return batch
 
   log = metric_log.MetricLog(workdir)
-  progress = metric_log.Progress(num_steps, num_classes * group_size, start_step)
+  progress = metric_log.Progress(num_steps, num_classes * group_size * len(program.modalities), start_step)
   pending = []
   val = {}
   t_start = time.perf_counter()
   for step in range(start_step + 1, num_steps + 1):
-    state, step_metrics = update(state, to_global(next(train_iter)))
+    state, step_metrics = update(state, to_global(next(train_iter)), *frozen)
     pending.append(step_metrics)
     last = step == num_steps
     if step % config.train.log_every_steps == 0 or last:
@@ -132,7 +137,7 @@ def train_classifier(config, workdir: str) -> dict:
       scalars.update(progress.report(step, scalars))
       log.write(step, scalars)
     if step % config.train.eval_every_steps == 0 or last:
-      variables = {"params": state.params, "batch_stats": state.batch_stats}
+      variables = program.eval_variables(state)
       val = validate(predict_fn, variables, val_records, classes, config, mesh)
       log.write(step, {f"val/{k}": v for k, v in val.items() if v is not None})
       logging.info("step %d validation: %s", step, json.dumps(val))

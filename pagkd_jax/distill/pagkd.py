@@ -1,0 +1,119 @@
+"""PaGKD's distillation heads and losses on top of the two backbones (spec 3-6).
+
+`region_labels` turns backbone outputs into lesion / background / ambiguous maps (CAM -> PAR -> dual
+threshold); `DistillationHeads` holds every trainable part of stage 2 besides the student (the two 1x1
+embeddings, the prototype extractor, SRCA, the release's prototype classifier) and returns L_pro and L_den;
+`pair_images` builds the image-level ablation's groups.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pagkd_jax.distill import par
+from pagkd_jax.distill import prototype_loss
+from pagkd_jax.distill import qformer
+from pagkd_jax.distill import relations
+from pagkd_jax.distill import srca
+from pagkd_jax.models.cam import class_activation_map
+
+VARIANT_DEFAULTS = {"paper": {"lambda_pro": 1.0}, "release": {"lambda_pro": 1e-3}}
+
+
+def resolved(distill_config, name: str):
+  """A distillation value whose None means "the variant's default" (lambda_pro)."""
+  value = distill_config[name]
+  return VARIANT_DEFAULTS[distill_config.variant][name] if value is None else value
+
+
+def check_config(distill_config) -> None:
+  d = distill_config
+  if d.variant not in VARIANT_DEFAULTS:
+    raise ValueError(f"Unknown distill.variant {d.variant!r}; expected 'paper' or 'release'.")
+  if d.level not in ("group", "image"):
+    raise ValueError(f"Unknown distill.level {d.level!r}; expected 'group' or 'image'.")
+  if d.prototypes not in ("qformer", "avg_pool"):
+    raise ValueError(f"Unknown distill.prototypes {d.prototypes!r}; expected 'qformer' or 'avg_pool'.")
+
+
+def region_labels(images: jax.Array, features: jax.Array, fc_kernel: jax.Array, labels: jax.Array,
+                  distill_config) -> jax.Array:
+  """Spec 5.1-5.3 for a batch: CAM of the true class -> PAR -> dual threshold. No gradient.
+
+  Args:
+    images: (B, H, W, 3) network input. features: (B, h, w, F) layer4 maps. fc_kernel: (F, C) head kernel.
+    labels: (B,) class of each image.
+  Returns:
+    (B, h, w) int8: 1 lesion, 0 background, -1 ambiguous.
+  """
+  d = distill_config
+  cams = jax.lax.stop_gradient(class_activation_map(features, fc_kernel, labels))
+  fg = par.pixel_adaptive_refinement(jax.lax.stop_gradient(images), cams, thresholds=tuple(d.thresholds),
+                                     num_iters=d.par_iters, dilations=tuple(d.par_dilations),
+                                     temperature=d.par_temperature, downscale=d.par_downscale,
+                                     pos_weight=d.par_pos_weight)
+  return relations.dual_threshold_labels(fg, tuple(d.thresholds))
+
+
+def pair_images(x_nbi: jax.Array, rng: jax.Array) -> jax.Array:
+  """Image-level ablation: NBI image k of class c becomes the partner of WLI image k of class c, after a
+  random permutation within each class. x_nbi (C, K, ...) -> (C, K, ...)."""
+  c, k = x_nbi.shape[:2]
+  perms = jax.vmap(lambda r: jax.random.permutation(r, k))(jax.random.split(rng, c))  # (C, K)
+  return jnp.take_along_axis(x_nbi, perms.reshape((c, k) + (1,) * (x_nbi.ndim - 2)), axis=1)
+
+
+class DistillationHeads(nn.Module):
+  """Trainable distillation parts (spec 3-5), applied to grouped backbone outputs.
+
+  Attributes:
+    distill: the `config.distill` values (variant, embed_dim, prototypes, switches).
+    num_classes: C, for the release's prototype classifier.
+    dtype: compute dtype.
+  """
+
+  distill: Any
+  num_classes: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, f_student, f_teacher, group_labels, regions_wli, regions_nbi) -> dict:
+    """Group-level losses.
+
+    Args:
+      f_student: (G, K, h, w, F) student layer4 maps of the WLI groups.
+      f_teacher: (G, K, h, w, F) teacher layer4 maps of the NBI groups (gradient already stopped).
+      group_labels: (G,) class of each group.
+      regions_wli, regions_nbi: (G, K, h, w) int8 region labels (only read by GKD-Den).
+    Returns:
+      {"loss_pro", "loss_den"} scalars (0 for a disabled term) and diagnostics.
+    """
+    d = self.distill
+    # Group features: bias-free 1x1 convolutions F -> d; the teacher side is trainable (spec 3).
+    tokens_wli = nn.Dense(d.embed_dim, use_bias=False, dtype=self.dtype, name="student_embed")(f_student)
+    tokens_nbi = nn.Dense(d.embed_dim, use_bias=False, dtype=self.dtype, name="teacher_embed")(f_teacher)
+    out = {"loss_pro": jnp.zeros((), jnp.float32), "loss_den": jnp.zeros((), jnp.float32)}
+    if d.use_pro:
+      extractor = qformer.make_prototype_extractor(
+          d.prototypes, num_queries=d.num_queries, num_layers=d.qformer_layers, num_heads=d.qformer_heads,
+          variant=d.variant, dtype=self.dtype, name="prototypes")
+      q_wli, q_nbi = extractor(tokens_wli), extractor(tokens_nbi)  # Shared queries: one module, both sides.
+      if d.variant == "paper":
+        out["loss_pro"] = prototype_loss.group_contrastive_loss(q_wli, q_nbi, group_labels, d.temperature)
+      else:
+        contrastive = prototype_loss.release_prototype_loss(q_wli, q_nbi, group_labels)
+        logits = prototype_loss.PrototypeClassifier(self.num_classes, name="prototype_classifier")(
+            jnp.concatenate([q_wli, q_nbi]))
+        classification = prototype_loss.prototype_classification_loss(
+            logits, jnp.concatenate([group_labels, group_labels]))
+        out["loss_pro"] = contrastive + classification
+        out["pro/contrastive"], out["pro/classification"] = contrastive, classification
+    if d.use_den:
+      loss_den, diagnostics = srca.SRCA(proj_dim=d.proj_dim, variant=d.variant, masked=d.masked,
+                                        bidirectional=d.bidirectional, dtype=self.dtype, name="srca")(
+                                            tokens_wli, tokens_nbi, regions_wli, regions_nbi)
+      out["loss_den"] = loss_den
+      out.update({f"den/{k}": v for k, v in diagnostics.items()})
+    return out
