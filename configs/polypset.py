@@ -9,7 +9,7 @@ from pagkd_jax import base_config
 
 def get_config(arg: str | None = None):
   config = base_config.get_config()
-  config.stage = "teacher"
+  config.stage = "pagkd"  # Trains the NBI teacher first (in WORKDIR/teacher) unless teacher.workdir is set.
   config.data.classes = ("hyperplastic", "adenomatous")
   config.data.image_size = 448
   config.data.group_size = 8

@@ -15,7 +15,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def get_config(arg: str | None = None):
   config = base_config.get_config()
-  config.stage = "teacher"
+  config.stage = "pagkd"  # Trains the NBI teacher first (in WORKDIR/teacher) unless teacher.workdir is set.
   data = config.data
   data.synthetic.enabled = True
   data.synthetic.image_size = 96

@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   # "teacher": cross-entropy on NBI; "baseline": cross-entropy on WLI; "pagkd": distillation.
-  config.stage = "teacher"
+  config.stage = "pagkd"
 
   # ---- data ----------------------------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()

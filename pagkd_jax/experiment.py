@@ -11,8 +11,6 @@ from pagkd_jax.data import splits as splits_lib
 from pagkd_jax.data.records import ImageRecord
 from pagkd_jax.models import resnet
 
-SPLITS = ("train", "val", "test")
-
 
 def stage_modality(stage: str) -> str:
   """The modality a stage trains and is evaluated on: NBI for the teacher, WLI otherwise."""
@@ -59,7 +57,7 @@ def load_split_data(config, workdir: str | None = None) -> SplitData:
   splits = splits_lib.assign_splits(records, num_folds=data.num_folds, fold=data.fold,
                                     val_fraction=data.val_fraction, seed=data.split_seed)
   result = SplitData(classes, tuple(records), tuple(splits))
-  for split in SPLITS:
+  for split in splits_lib.SPLITS:
     counts = {m: len(result.select(split, m)) for m in ("wli", "nbi")}
     logging.info("split %s: %d WLI, %d NBI images", split, counts["wli"], counts["nbi"])
   if workdir is not None and jax.process_index() == 0:

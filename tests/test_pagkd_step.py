@@ -189,3 +189,27 @@ def test_pagkd_step_on_one_and_eight_devices_agree(repo_root):
                           cwd=repo_root)
   assert result.returncode == 0, result.stderr[-4000:]
   assert "OK" in result.stdout
+
+
+def test_resnet50_pagkd_step_smoke():
+  """The paper's backbone through one full distillation step, at a CPU-sized resolution."""
+  config = base_config.get_config()
+  config.data.image_size = 64
+  config.data.group_size = 2
+  config.data.classes = ("a", "b")
+  config.distill.warmup_epochs = 0.0
+  model = resnet.create_resnet("resnet50", 2)
+  tx = optimizer.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5)
+  program = pagkd_step.PaGKDProgram(frozen=())
+  state = jax.jit(lambda r: program.init_state(model, tx, r, config))(jax.random.key(0))
+  teacher = jax.jit(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3))))(jax.random.key(1))
+  rng = np.random.default_rng(0)
+  batch = {m: rng.integers(0, 256, (2, 2, 64, 64, 3), dtype=np.uint8) for m in ("wli", "nbi")}
+  batch["label"] = np.arange(2, dtype=np.int32)
+  update = jax.jit(pagkd_step.make_pagkd_update(model, pagkd_step.make_heads(config, 2), tx, config, 5))
+  before = np.asarray(state.params["student"]["layer4_0"]["conv2"]["kernel"])
+  state, metrics = update(state, batch, teacher)
+  assert state.params["heads"]["student_embed"]["kernel"].shape == (2048, 128)
+  assert all(np.isfinite(float(metrics[k])) for k in ("loss", "loss_cls", "loss_pro", "loss_den"))
+  assert float(metrics["loss_pro"]) > 0 and float(metrics["loss_den"]) > 0
+  assert not np.allclose(before, state.params["student"]["layer4_0"]["conv2"]["kernel"])
