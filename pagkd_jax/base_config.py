@@ -111,3 +111,10 @@ def get_config() -> ml_collections.ConfigDict:
   d.par_temperature = 0.3
   d.par_pos_weight = 0.0  # 0 as the release; ToCo/AFA's PAR uses 0.01.
   return config
+
+
+def apply_release_conventions(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The public release's choices where the paper differs: [0, 1] inputs, release losses and LR-QFormer."""
+  config.data.normalization = "unit"
+  config.distill.variant = "release"
+  return config

@@ -6,6 +6,7 @@ Submodule names follow torchvision (`conv1`, `bn1`, `layer1_0`, ..., `fc`) so im
 """
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -13,6 +14,19 @@ import jax.numpy as jnp
 
 # He-normal (fan_out) for convolutions, as torchvision initialises ResNets.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(features: int, kernel: int, stride: int, name: str, dtype) -> nn.Conv:
+  """Bias-free k x k convolution with torchvision's padding (k // 2)."""
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(kernel // 2, kernel // 2)] * 2,
+                 use_bias=False, kernel_init=_conv_init, dtype=dtype, name=name)
+
+
+def _batch_norm(name: str, train: bool, dtype, zero: bool = False) -> nn.BatchNorm:
+  """torchvision's BatchNorm (momentum 0.1 = Flax 0.9, eps 1e-5); `zero`: the last BN of a residual branch
+  starts at 0, so every block starts as the identity."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name,
+                      scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
 
 
 class BasicBlock(nn.Module):
@@ -25,11 +39,8 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False,
-                                        kernel_init=_conv_init, dtype=self.dtype, name=name)
-    norm = lambda name, zero=False: nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name,
-        scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
+    conv = functools.partial(_conv, dtype=self.dtype)
+    norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
     y = nn.relu(norm("bn1")(conv(self.width, 3, self.stride, "conv1")(x)))
     y = norm("bn2", zero=True)(conv(self.width, 3, 1, "conv2")(y))
     if x.shape[-1] != self.width or self.stride != 1:
@@ -47,11 +58,8 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False,
-                                        kernel_init=_conv_init, dtype=self.dtype, name=name)
-    norm = lambda name, zero=False: nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name,
-        scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
+    conv = functools.partial(_conv, dtype=self.dtype)
+    norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
     out = self.width * self.expansion
     y = nn.relu(norm("bn1")(conv(self.width, 1, 1, "conv1")(x)))
     y = nn.relu(norm("bn2")(conv(self.width, 3, self.stride, "conv2")(y)))
@@ -89,17 +97,10 @@ class ResNet(nn.Module):
     """
     x = images.astype(self.dtype)
     if self.stem == "imagenet":
-      x = nn.Conv(self.base_width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
-                  kernel_init=_conv_init, dtype=self.dtype, name="conv1")(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                       name="bn1")(x)
-      x = nn.relu(x)
+      x = nn.relu(_batch_norm("bn1", train, self.dtype)(_conv(self.base_width, 7, 2, "conv1", self.dtype)(x)))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
     elif self.stem == "small":
-      x = nn.Conv(self.base_width, (3, 3), (1, 1), padding=[(1, 1), (1, 1)], use_bias=False,
-                  kernel_init=_conv_init, dtype=self.dtype, name="conv1")(x)
-      x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                               dtype=self.dtype, name="bn1")(x))
+      x = nn.relu(_batch_norm("bn1", train, self.dtype)(_conv(self.base_width, 3, 1, "conv1", self.dtype)(x)))
     else:
       raise ValueError(f"Unknown ResNet stem {self.stem!r}; expected 'imagenet' or 'small'.")
     for stage, num_blocks in enumerate(self.stage_sizes):
