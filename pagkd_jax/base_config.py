@@ -21,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- data ----------------------------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
   data.manifest = ""  # CSV with path, modality, label, lesion_id[, patient_id, pair_id].
-  data.root = ""  # Or a folder ROOT/<modality>/<class>/*.{jpg,png,...}; used when manifest is "".
+  data.root = ""  # Or a folder ROOT/<modality>/<class>/*.{jpg,png,...}.
+  data.tfds_dir = ""  # Or a prepared TFDS/ArrayRecord folder (data/build_tfds.py); set exactly one of the three.
   data.classes = ("hyperplasia", "adenoma", "adenocarcinoma")  # Order = label index.
   data.num_folds = 5
   data.fold = 0  # Test fold.

@@ -1,0 +1,1 @@
+"""TFDS builder of PolypSet (manual download); see polypset_dataset_builder.py."""
