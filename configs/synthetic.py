@@ -34,16 +34,16 @@ def get_config(arg: str | None = None):
   config.train.log_every_steps = 20
   config.train.eval_every_steps = 100
   config.train.checkpoint_every_steps = 100
+  # The student starts from scratch here (the paper's starts from ImageNet weights), so it needs discriminative
+  # features before the prototypes are contrasted: with the paper's 5 warm-up epochs and lambda_pro = 1 the
+  # prototype sets of all groups collapse onto one another (L_pro stuck at log(2C - 1)) and the student stays
+  # near chance (best validation AUC 0.66). Chosen on validation AUC: 20 epochs and 0.1 give 0.97 (see README).
+  config.distill.warmup_epochs = 20.0
+  config.distill.lambda_pro = 0.1
 
-  if arg == "smoke":
-    data.synthetic.lesions_per_class = 24
-    data.synthetic.image_size = 64
-    data.image_size = 48
-    data.eval_batch_size = 32
-    config.train.epochs = 30.0
-    config.train.log_every_steps = 10
-    config.train.eval_every_steps = 50
-    config.train.checkpoint_every_steps = 50
+  if arg == "smoke":  # The same images, two thirds of the epochs: both stages in about 3 minutes on 2 CPU cores.
+    config.train.epochs = 40.0
+    config.train.log_every_steps = 20
   elif arg:
     raise ValueError(f"Unknown argument {arg!r} for configs/synthetic.py; expected nothing or 'smoke'.")
 

@@ -86,7 +86,8 @@ def restore_model_variables(workdir: str, abstract_variables, which: str = "best
     else:
       abstract_state = {"params": abstract_variables["params"], "batch_stats": abstract_variables["batch_stats"]}
       restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=abstract_state, partial_restore=True)))
+          item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+          partial_restore=True)))
       variables = {"params": restored.state["params"], "batch_stats": restored.state["batch_stats"]}
     mgr.close()
     return variables, step, kind
