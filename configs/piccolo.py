@@ -4,8 +4,12 @@
 PICCOLO needs an access request to its owners; once you have it, describe it with a manifest CSV
 (`path, modality, label, lesion_id[, patient_id, pair_id]`) or the folder layout ROOT/<modality>/<class>/, then:
 
-  python train.py --config=configs/piccolo.py --config.data.manifest=/data/piccolo/manifest.csv --workdir=runs/piccolo/fold0
+  python train.py --config=configs/piccolo.py --config.data.manifest=/data/piccolo/manifest.csv \
+      --config.model.init_from=weights/resnet50 --workdir=runs/piccolo/fold0
   (or --config.data.root=/data/piccolo; folds: --config.data.fold=0..4; the release's conventions: configs/piccolo.py:release)
+
+weights/resnet50: ImageNet weights imported once with `python -m pagkd_jax.tools.import_weights` (README,
+"ImageNet weights"), as the paper starts both networks from ImageNet.
 """
 
 from pagkd_jax import base_config

@@ -2,7 +2,10 @@
 448 x 448, class groups of 8, Adam 1e-4 with L2 1e-8, 199 epochs, 5 folds split by patient/lesion.
 PolypSet needs an access request; point `data.manifest` or `data.root` at your copy:
 
-  python train.py --config=configs/polypset.py --config.data.root=/data/polypset --workdir=runs/polypset/fold0
+  python train.py --config=configs/polypset.py --config.data.root=/data/polypset \
+      --config.model.init_from=weights/resnet50 --workdir=runs/polypset/fold0
+
+weights/resnet50: ImageNet weights imported with `python -m pagkd_jax.tools.import_weights` (README, "ImageNet weights").
 """
 
 from pagkd_jax import base_config

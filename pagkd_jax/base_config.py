@@ -55,7 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = model = ml_collections.ConfigDict()
   model.name = "resnet50"  # "resnet50", "resnet18" or "tiny".
   model.dtype = "float32"  # Compute dtype; "bfloat16" keeps params and BN statistics in float32.
-  model.init_from = ""  # Pretrained backbone (later: imported torchvision/timm weights).
+  # Pretrained backbone: a folder written by `python -m pagkd_jax.tools.import_weights`, or a torchvision .pth /
+  # timm .safetensors ResNet file (converted on the fly). "" starts from random weights.
+  model.init_from = ""
 
   # ---- optimisation ---------------------------------------------------------------------------
   config.optim = optim = ml_collections.ConfigDict()

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from pagkd_jax.data.normalization import normalize_images
+from pagkd_jax.models import pretrained
 from pagkd_jax.training.train_state import TrainState, create_train_state
 
 
@@ -65,9 +66,13 @@ class ClassifierProgram:
   def modalities(self) -> tuple[str, ...]:
     return (self.modality,)
 
-  def init_state(self, model, tx, rng, config) -> TrainState:
+  def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
+    """Random initialisation; `backbone`: pretrained variables (all but the head) that replace it."""
     size = config.data.image_size
-    return create_train_state(model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False), tx)
+    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    if backbone is not None:
+      variables = pretrained.overlay(variables, backbone)
+    return create_train_state(variables, tx)
 
   def make_update(self, model, tx, config, steps_per_epoch: int) -> Callable:
     del steps_per_epoch  # No schedule of its own beyond the optimiser's.

@@ -21,6 +21,7 @@ from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import pagkd
+from pagkd_jax.models import pretrained
 from pagkd_jax.training import classifier_step
 from pagkd_jax.training.classifier_step import flatten_groups, group_labels
 from pagkd_jax.training.train_state import TrainState
@@ -43,10 +44,13 @@ class PaGKDProgram:
   frozen: tuple
   modalities: tuple = ("wli", "nbi")
 
-  def init_state(self, model, tx, rng, config) -> TrainState:
+  def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
+    """Random student and heads; `backbone`: pretrained student variables (all but the head) that replace it."""
     size, num_classes, k = config.data.image_size, len(config.data.classes), config.data.group_size
     student_rng, heads_rng = jax.random.split(rng)
     student = model.init(student_rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    if backbone is not None:
+      student = pretrained.overlay(student, backbone)
     _, features = jax.eval_shape(lambda: model.apply(student, jnp.zeros((1, size, size, 3)), train=False))
     _, h, w, f = features.shape
     groups = num_classes * k if config.distill.level == "image" else num_classes

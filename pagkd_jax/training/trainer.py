@@ -19,6 +19,8 @@ from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data import class_groups
 from pagkd_jax.evaluation import inference
+from pagkd_jax.models import pretrained
+from pagkd_jax.models import torchvision_layout
 from pagkd_jax.evaluation import metrics as metrics_lib
 from pagkd_jax.training import classifier_step
 from pagkd_jax.training import metric_log
@@ -58,10 +60,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return run_stage(config, workdir, classifier_step.ClassifierProgram(modality))
 
 
+def initial_state(config, program, model, tx, mesh, load_backbone: bool = True):
+  """The state before the first update, replicated over `mesh`: random, with every backbone variable taken from
+  `config.model.init_from` when it is set (and `load_backbone`; a resumed run restores its own state instead)."""
+  backbone = None
+  if config.model.init_from and load_backbone:
+    backbone = pretrained.load(config.model.init_from, config.model.name)
+    logging.info("Backbone initialised from %s", config.model.init_from)
+    if config.data.normalization != pretrained.NORMALIZATION:
+      logging.warning("config.data.normalization=%r but the imported weights were trained on %r-normalised "
+                      "inputs.", config.data.normalization, pretrained.NORMALIZATION)
+  elif not config.model.init_from and config.model.name in torchvision_layout.IMPORTABLE:
+    logging.warning("Training %s from random weights (config.model.init_from is empty); the paper starts from "
+                    "ImageNet weights: see the README, 'ImageNet weights'.", config.model.name)
+  init = jax.jit(lambda rng, backbone: program.init_state(model, tx, rng, config, backbone),
+                 out_shardings=mesh_lib.replicated(mesh))
+  return init(jax.random.key(config.seed), backbone)
+
+
 def run_stage(config, workdir: str, program) -> dict:
   """The loop shared by every stage; `program` says what is trained (see `classifier_step.ClassifierProgram`).
 
-  `program.modalities`: the modalities its batches hold; `program.init_state(model, tx, rng)`;
+  `program.modalities`: the modalities its batches hold; `program.init_state(model, tx, rng, config, backbone)`;
   `program.make_update(model, tx, config, steps_per_epoch)` -> pure update(state, batch, *frozen) -> (state, metrics);
   `program.frozen`: extra inputs of the update that are never trained, donated or checkpointed (a teacher);
   `program.eval_variables(state)`: the {"params", "batch_stats"} of the classifier that is evaluated.
@@ -89,8 +109,9 @@ def run_stage(config, workdir: str, program) -> dict:
   model = experiment.build_model(config)
   tx = optimizer_lib.make_optimizer(config.optim, num_steps, steps_per_epoch)
   replicated = mesh_lib.replicated(mesh)
-  state = jax.jit(lambda rng: program.init_state(model, tx, rng, config), out_shardings=replicated)(
-      jax.random.key(config.seed))
+  ckpts = checkpointing.RunCheckpoints(workdir, keep_latest=config.train.keep_latest)
+  resuming = ckpts.latest_step() is not None
+  state = initial_state(config, program, model, tx, mesh, load_backbone=not resuming)
 
   train_iter = class_groups.make_train_iterator(
       train_records, classes=classes, modalities=program.modalities, group_size=group_size, image_size=size,
@@ -98,9 +119,8 @@ def run_stage(config, workdir: str, program) -> dict:
       process_count=jax.process_count(), num_workers=config.data.num_workers,
       worker_buffer_size=config.data.worker_buffer_size)
 
-  ckpts = checkpointing.RunCheckpoints(workdir, keep_latest=config.train.keep_latest)
   meta = {"best_val_auc": None, "best_step": None}
-  if ckpts.latest_step() is not None:
+  if resuming:
     state, meta = ckpts.restore_latest(checkpointing.abstract_like(state, replicated), train_iter)
     logging.info("Resumed from step %d in %s", int(state.step), workdir)
   start_step = int(state.step)
