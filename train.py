@@ -3,14 +3,22 @@
   python train.py --config=configs/synthetic.py --workdir=runs/synthetic
   python train.py --config=configs/piccolo.py --config.data.manifest=/data/piccolo/manifest.csv --workdir=runs/p0
 
-Rerunning the same command with the same workdir resumes from its latest checkpoint.
+Rerunning the same command with the same workdir resumes from its latest checkpoint. SIGTERM (cloud preemption)
+saves a checkpoint and exits with status 143; a non-finite loss stops with status 1 and the step and term named.
+Multi-host: add --coordinator_address=HOST0:PORT --num_processes=N --process_id=I on every host (or --distributed
+under Slurm / Open MPI), with the same --workdir on a shared file system.
 """
+
+import signal
+import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from pagkd_jax import runtime
+from pagkd_jax.training import preemption
 from pagkd_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration file (configs/<name>.py[:arg]).",
@@ -23,7 +31,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.initialize()
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_every_steps = 200  # Validation (and best-checkpoint selection) cadence.
   train.checkpoint_every_steps = 200
   train.keep_latest = 1
+  train.on_nonfinite = "stop"  # A NaN/inf loss term: "stop" (error naming step and term) or "skip" the update.
 
   # ---- evaluation --------------------------------------------------------------------------------
   config.eval = ev = ml_collections.ConfigDict()

@@ -12,6 +12,41 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose arrays do not fit the model (or state) the config builds."""
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(leaf, "shape")}
+
+
+def check_fits(item_dir: str, abstract, what: str, subtrees: tuple[str, ...] | None = None) -> None:
+  """Compares the arrays saved in `item_dir` with `abstract` (the config's model) before restoring.
+
+  subtrees: only compare these top-level keys (e.g. the params and batch_stats of a saved training state).
+  Raises:
+    CheckpointMismatchError: listing the arrays that are missing, extra or of another shape, with both shapes.
+  """
+  saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
+  saved = saved.tree if hasattr(saved, "tree") else saved
+  if subtrees is not None:
+    saved = {k: saved[k] for k in subtrees if k in saved}
+    abstract = {k: abstract[k] for k in subtrees}
+  found, expected = _shapes(saved), _shapes(abstract)
+  order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params/fc"), not k.startswith("params"), k))
+  problems = [f"{k}: checkpoint {found[k]}, model {expected[k]}" for k in order(set(found) & set(expected))
+              if found[k] != expected[k]]
+  problems += [f"{k}: not in the checkpoint" for k in order(set(expected) - set(found))]
+  problems += [f"{k}: in the checkpoint only" for k in order(set(found) - set(expected))]
+  if problems:
+    shown = "; ".join(problems[:10]) + (f"; ... ({len(problems) - 10} more)" if len(problems) > 10 else "")
+    raise CheckpointMismatchError(
+        f"The checkpoint {item_dir} does not fit {what} ({len(problems)} arrays differ: {shown}). It was written "
+        f"with another architecture (config.model.name) or class list (config.data.classes) than this config.")
 
 
 def abstract_like(tree, sharding) -> Any:
@@ -43,6 +78,9 @@ class RunCheckpoints:
 
   def restore_latest(self, abstract_state, data_iter) -> tuple[Any, dict]:
     step = self.latest.latest_step()
+    check_fits(os.path.join(self.latest.directory, str(step), "state"),
+               {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats},
+               "the model of this config", subtrees=("params", "batch_stats"))
     restored = self.latest.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data_iter=grain.checkpoint.CheckpointRestore(data_iter),
         meta=ocp.args.JsonRestore()))
@@ -80,6 +118,9 @@ def restore_model_variables(workdir: str, abstract_variables, which: str = "best
     step = mgr.latest_step()
     if step is None:
       continue
+    item = "variables" if kind == "best" else "state"
+    check_fits(os.path.join(path, str(step), item), dict(abstract_variables), "the model of this workdir's config.json",
+               subtrees=("params", "batch_stats"))
     if kind == "best":
       restored = mgr.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract_variables)))
       variables = restored.variables

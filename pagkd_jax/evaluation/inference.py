@@ -22,8 +22,12 @@ def make_predict_fn(model, normalization: str, mesh):
 
 def predict_records(predict_fn, variables, records, *, image_size: int, batch_size: int, mesh,
                     num_workers: int = 0) -> np.ndarray:
-  """Probabilities (N, C) of `records`, in their order. Every record is predicted exactly once."""
-  mesh_lib.check_divisible("data.eval_batch_size", batch_size, mesh)
+  """Probabilities (N, C) of `records`, in their order. Every record is predicted exactly once.
+
+  `batch_size` is rounded up to a multiple of the number of devices (padding is masked), so a checkpoint can be
+  evaluated on any number of devices.
+  """
+  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
   sharding = mesh_lib.eval_batch_sharding(mesh)
   probs = None
   seen = np.zeros(len(records), np.int64)

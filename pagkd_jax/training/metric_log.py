@@ -18,16 +18,21 @@ def _to_float(v) -> float | None:
 class MetricLog:
   """Writes scalars from process 0: one JSON object per line with its step, and TensorBoard scalars.
 
-  Appends, so a resumed run continues the same files.
+  Appends, so a resumed run continues the same files. `resume_step`: the step the run resumes from; rows of later
+  steps (written after that checkpoint by a run that was then killed) are dropped first, so metrics.jsonl holds
+  each step once.
   """
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      path = os.path.join(workdir, "metrics.jsonl")
+      if resume_step is not None and os.path.exists(path):
+        _drop_rows_after(path, resume_step)
+      self._jsonl = open(path, "a", buffering=1)
       from tensorboardX import SummaryWriter  # Writes standard event files without TensorFlow.
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -49,6 +54,23 @@ class MetricLog:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites the JSON-lines file `path` without rows of steps > `step` (and without a torn last line)."""
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # A line cut short by a kill.
+        continue
+      if row.get("step", 0) <= step:
+        kept.append(json.dumps(row) + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 class Progress:

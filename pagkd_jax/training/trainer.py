@@ -24,7 +24,52 @@ from pagkd_jax.models import torchvision_layout
 from pagkd_jax.evaluation import metrics as metrics_lib
 from pagkd_jax.training import classifier_step
 from pagkd_jax.training import metric_log
+from pagkd_jax.training import nonfinite
+from pagkd_jax.training import preemption
 from pagkd_jax.training import optimizer as optimizer_lib
+
+
+# Values a resumed run may change: how long it runs, how often it logs and saves, how it reads its data, where
+# its inputs now live. Any other difference would silently continue a different experiment.
+RESUMABLE_CHANGES = ("train.num_steps", "train.epochs", "train.log_every_steps", "train.eval_every_steps",
+                     "train.checkpoint_every_steps", "train.keep_latest", "train.on_nonfinite", "data.num_workers",
+                     "data.worker_buffer_size", "data.eval_batch_size", "data.skip_bad_files", "data.manifest",
+                     "data.root", "data.tfds_dir", "data.synthetic.out", "teacher.workdir", "model.init_from", "eval.")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+  """(key, old value, new value) of every config value that differs (JSON forms of the configs)."""
+  a, b = _flat(old), _flat(new)
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_resume_config(config, workdir: str) -> None:
+  """Refuses to resume `workdir` with a config that changes what is trained (naming each difference); logs the
+  harmless differences (RESUMABLE_CHANGES)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  changes = config_changes(old, json.loads(config.to_json_best_effort()))
+  blocking = [c for c in changes if not any(c[0] == r or (r.endswith(".") and c[0].startswith(r))
+                                            for r in RESUMABLE_CHANGES)]
+  if blocking:
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in blocking)
+    raise ValueError(f"{workdir} holds a run with another configuration ({listed}). Resuming it would mix two "
+                     f"experiments: use a new --workdir, or the workdir's values (its config.json).")
+  for k, a, b in changes:
+    logging.info("Resuming with %s changed: %r -> %r", k, a, b)
 
 
 def write_config(config, workdir: str) -> None:
@@ -88,7 +133,26 @@ def run_stage(config, workdir: str, program) -> dict:
   """
   workdir = os.path.abspath(workdir)
   modality = experiment.stage_modality(config.stage)
+  if config.train.on_nonfinite not in nonfinite.MODES:
+    raise ValueError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}; expected one of {nonfinite.MODES}.")
+  ckpts = checkpointing.RunCheckpoints(workdir, keep_latest=config.train.keep_latest)
+  resuming = ckpts.latest_step() is not None
+  if resuming:
+    check_resume_config(config, workdir)
   write_config(config, workdir)
+  opened = []  # What the loop opens and this function closes, whatever happens.
+  try:
+    with preemption.PreemptionWatch() as watch:
+      return _train_loop(config, workdir, program, ckpts, resuming, watch, opened)
+  finally:  # Also on an error or SIGTERM: finish the checkpoint being written, so it is never left half-saved.
+    ckpts.wait()
+    ckpts.close()
+    for resource in opened:
+      resource.close()
+
+
+def _train_loop(config, workdir, program, ckpts, resuming, watch, opened):
+  modality = experiment.stage_modality(config.stage)
   data = experiment.load_split_data(config, workdir)
   classes = data.classes
   train_records = data.select("train", None)
@@ -109,8 +173,6 @@ def run_stage(config, workdir: str, program) -> dict:
   model = experiment.build_model(config)
   tx = optimizer_lib.make_optimizer(config.optim, num_steps, steps_per_epoch)
   replicated = mesh_lib.replicated(mesh)
-  ckpts = checkpointing.RunCheckpoints(workdir, keep_latest=config.train.keep_latest)
-  resuming = ckpts.latest_step() is not None
   state = initial_state(config, program, model, tx, mesh, load_backbone=not resuming)
 
   train_iter = class_groups.make_train_iterator(
@@ -129,8 +191,11 @@ def run_stage(config, workdir: str, program) -> dict:
   batch_shardings = {m: group_sharding for m in program.modalities}
   batch_shardings["label"] = replicated
   frozen = jax.device_put(program.frozen, replicated)
-  update = jax.jit(program.make_update(model, tx, config, steps_per_epoch),
-                   in_shardings=(replicated, batch_shardings) + (replicated,) * len(frozen),
+  update_fn = program.make_update(model, tx, config, steps_per_epoch)
+  skip = config.train.on_nonfinite == "skip"
+  if skip:
+    update_fn = nonfinite.skip_nonfinite(update_fn)
+  update = jax.jit(update_fn, in_shardings=(replicated, batch_shardings) + (replicated,) * len(frozen),
                    out_shardings=(replicated, replicated), donate_argnums=0)
   predict_fn = inference.make_predict_fn(model, config.data.normalization, mesh)
   group_shape = (num_classes, group_size, size, size, 3)
@@ -140,23 +205,43 @@ def run_stage(config, workdir: str, program) -> dict:
     batch["label"] = mesh_lib.global_array(local["label"], replicated, (num_classes,))
     return batch
 
-  log = metric_log.MetricLog(workdir)
+  log = metric_log.MetricLog(workdir, resume_step=start_step)
+  opened.append(log)
   progress = metric_log.Progress(num_steps, num_classes * group_size * len(program.modalities), start_step)
-  pending = []
+  pending, fetched = [], []  # Device metrics not yet checked; checked host metrics not yet logged.
   val = {}
   t_start = time.perf_counter()
+
+  def check_pending(up_to: int) -> None:
+    """Fetches the metrics of the steps since the last check; stops on a non-finite one unless skipping."""
+    host = jax.device_get(pending)
+    steps = range(up_to - len(host) + 1, up_to + 1)
+    if skip:
+      skipped = [(s, nonfinite.nonfinite_terms(m)) for s, m in zip(steps, host) if m["skipped"]]
+      for s, terms in skipped:
+        logging.warning("Skipped step %d: non-finite %s (config.train.on_nonfinite='skip').", s, ", ".join(terms))
+    else:
+      nonfinite.check_finite(steps, host, workdir)
+    fetched.extend(host)
+    pending.clear()
+
   for step in range(start_step + 1, num_steps + 1):
     state, step_metrics = update(state, to_global(next(train_iter)), *frozen)
     pending.append(step_metrics)
     last = step == num_steps
-    if step % config.train.log_every_steps == 0 or last:
-      means = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(pending))
-      pending = []
-      scalars = {f"train/{k}": v for k, v in means.items()}
+    stop = watch.stop_now(step)
+    log_now = step % config.train.log_every_steps == 0 or last or stop
+    eval_now = step % config.train.eval_every_steps == 0 or last
+    save_now = step % config.train.checkpoint_every_steps == 0 or last or stop
+    if log_now or eval_now or save_now:
+      check_pending(step)
+    if log_now:
+      scalars = {f"train/{k}": v for k, v in _mean_metrics(fetched).items()}
+      fetched.clear()
       scalars["train/epoch"] = step / steps_per_epoch
       scalars.update(progress.report(step, scalars))
       log.write(step, scalars)
-    if step % config.train.eval_every_steps == 0 or last:
+    if eval_now:
       variables = program.eval_variables(state)
       val = validate(predict_fn, variables, val_records, classes, config, mesh)
       log.write(step, {f"val/{k}": v for k, v in val.items() if v is not None})
@@ -165,11 +250,20 @@ def run_stage(config, workdir: str, program) -> dict:
       if val["auc"] is not None and (best is None or val["auc"] > best):
         meta = {"best_val_auc": float(val["auc"]), "best_step": step}
         ckpts.save_best(step, variables, val["auc"])
-    if step % config.train.checkpoint_every_steps == 0 or last:
+    if save_now:
       ckpts.save_latest(step, state, train_iter, meta)
-  ckpts.wait()
-  ckpts.close()
-  log.close()
+    if stop and not last:
+      ckpts.wait()
+      raise preemption.Preempted(step, workdir)
   logging.info("Finished %s in %.1f s; best validation AUC %s at step %s", config.stage,
                time.perf_counter() - t_start, meta["best_val_auc"], meta["best_step"])
   return {"val": val, **meta}
+
+
+def _mean_metrics(rows: list[dict]) -> dict:
+  """Means over logged steps; with skipped steps, over the others, and `skipped_steps` counts them."""
+  if rows and "skipped" in rows[0]:
+    kept = [r for r in rows if not r["skipped"]]
+    means = {k: float(np.mean([r[k] for r in kept])) if kept else float("nan") for k in rows[0] if k != "skipped"}
+    return {**means, "skipped_steps": float(sum(r["skipped"] for r in rows))}
+  return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}

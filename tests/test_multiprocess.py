@@ -1,0 +1,107 @@
+"""Multi-host training for real: two train.py processes on 127.0.0.1 joined by jax.distributed (CPU collectives),
+one CPU device each, against one process with two devices. Then the checkpoints are evaluated on other device
+counts than they were written with."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+  return env
+
+
+def _train_args(workdir, data_dir):
+  """Both stages (teacher, then the PaGKD student with distillation from step 1) of the smoke config, shrunk."""
+  return [
+      sys.executable, "train.py", "--config=configs/synthetic.py:smoke", f"--workdir={workdir}",
+      f"--config.data.synthetic.out={data_dir}", "--config.data.synthetic.lesions_per_class=8",
+      "--config.data.synthetic.image_size=32", "--config.data.synthetic.images_per_lesion=2",
+      "--config.data.image_size=32", "--config.data.group_size=4", "--config.data.eval_batch_size=16",
+      "--config.train.num_steps=4", "--config.train.log_every_steps=2", "--config.train.eval_every_steps=2",
+      "--config.train.checkpoint_every_steps=2", "--config.distill.warmup_epochs=0",
+      "--config.distill.thresholds=(0.8, 0.2)", "--config.eval.bootstrap_samples=20",
+      "--config.eval.num_cam_images=2",
+  ]
+
+
+def _errors(stderr: str) -> str:
+  """The informative end of a failed process's stderr (without the extension-module list of a fatal error)."""
+  lines = [line for line in stderr.splitlines() if not line.startswith("Extension modules:")]
+  return "\n".join(lines[-80:])[-6000:]
+
+
+def _latest_state(workdir):
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest")) as mgr:
+    step = mgr.latest_step()
+  path = epath.Path(workdir) / "checkpoints" / "latest" / str(step) / "state"
+  tree = ocp.PyTreeCheckpointHandler().metadata(path)
+  tree = tree.tree if hasattr(tree, "tree") else tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return step, checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, repo_root):
+  root = tmp_path_factory.mktemp("multiprocess")
+  data_dir = root / "data"
+  one = subprocess.run(_train_args(root / "one_process", data_dir), cwd=repo_root, env=_env(2),
+                       capture_output=True, text=True, timeout=900)
+  assert one.returncode == 0, one.stderr[-4000:]
+  assert "steps on 2 devices" in one.stderr
+
+  port = _free_port()
+  procs = [subprocess.Popen(_train_args(root / "two_processes", data_dir) + [
+      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=repo_root, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  errs = [p.communicate(timeout=900)[1] for p in procs]
+  for i, (p, err) in enumerate(zip(procs, errs)):
+    assert p.returncode == 0, f"process {i}: {_errors(err)}"
+  assert "Process 1 of 2; 1 local and 2 global devices" in errs[1]
+  assert "steps on 2 devices" in errs[0]
+  return root
+
+
+@pytest.mark.parametrize("stage_dir", ["teacher", "."])
+def test_two_processes_end_with_the_parameters_of_one_process_with_two_devices(runs, stage_dir):
+  step_1, one = _latest_state(runs / "one_process" / stage_dir)
+  step_2, two = _latest_state(runs / "two_processes" / stage_dir)
+  assert step_1 == step_2 == 4
+  for part in ("params", "batch_stats"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), two[part], one[part])
+  # Only process 0 writes the logs, once per step.
+  rows = [json.loads(line) for line in open(runs / "two_processes" / stage_dir / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
+
+
+def test_checkpoints_evaluate_on_another_number_of_devices(runs, repo_root):
+  """Written by 2 devices (in one process, or in two), evaluated by 1 and by 3: restored onto the new layout."""
+  reports = {}
+  for workdir, devices in ((runs / "one_process", 1), (runs / "two_processes", 1), (runs / "one_process", 3)):
+    done = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}"], cwd=repo_root,
+                          env=_env(devices), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    reports[(workdir.name, devices)] = json.load(open(workdir / "eval" / "metrics.json"))
+  a, b, c = reports[("one_process", 1)], reports[("two_processes", 1)], reports[("one_process", 3)]
+  assert 0.0 <= a["auc"] <= 1.0 and a["n_images"] == c["n_images"]
+  assert a["auc"] == pytest.approx(b["auc"], abs=1e-6) and a["accuracy"] == b["accuracy"]
+  assert a["auc"] == pytest.approx(c["auc"], abs=1e-6) and a["accuracy"] == c["accuracy"]
