@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,6 +60,7 @@ class Report:
   errors: list[Finding] = dataclasses.field(default_factory=list)
   warnings: list[Finding] = dataclasses.field(default_factory=list)
   num_images: int = 0
+  seconds: float = 0.0  # Spent reading and decoding.
 
   @property
   def bad_files(self) -> list[Finding]:
@@ -71,7 +73,7 @@ class Report:
 
   def summary(self) -> str:
     return (f"{self.num_images} images checked: {len(self.errors)} error(s) ({len(self.bad_files)} bad files), "
-            f"{len(self.warnings)} warning(s)")
+            f"{len(self.warnings)} warning(s); read and decoded in {self.seconds:.1f} s")
 
   def format(self) -> str:
     """Errors, then warnings, then the summary, one finding a line."""
@@ -176,7 +178,9 @@ def check_records(
   if splits is not None and len(splits) != len(records):
     raise ValueError(f"{len(records)} records but {len(splits)} split names")
   report = Report(num_images=len(records))
+  start = time.perf_counter()
   facts = _inspect_all(records, num_threads)
+  report.seconds = time.perf_counter() - start
   good = []
   for i, (record, fact) in enumerate(zip(records, facts)):
     where = describe(record, source)
@@ -239,7 +243,8 @@ def read_records(data_config: Any, manifest_path: str | None = None) -> tuple[li
   """The records of `data_config` (or of the CSV `manifest_path`) for checking, without raising on bad rows.
 
   Returns:
-    records: the valid rows (missing files are left to `check_records`).
+    records: the valid rows (missing files are left to `check_records`). A given `manifest_path` (the synthetic
+      data's, or the CLI's) is read instead of `data_config`'s source.
     problems: `ManifestError`-style lines for invalid rows or folder entries.
     source: the manifest or folder, for messages.
 
@@ -247,9 +252,10 @@ def read_records(data_config: Any, manifest_path: str | None = None) -> tuple[li
     FileNotFoundError, ValueError: no data source, or one that cannot be opened at all.
   """
   classes = tuple(data_config.classes)
+  from_config = not manifest_path
   manifest_path = manifest_path or str(data_config.get("manifest", "") or "")
   if manifest_path:
-    if data_config.get("root") or data_config.get("tfds_dir"):
+    if from_config and (data_config.get("root") or data_config.get("tfds_dir")):
       manifest_lib.load_records(data_config, check_files=False)  # Raises: several sources set.
     records, problems = manifest_lib.parse_manifest(manifest_path, classes, check_files=False)
     return records, problems, str(manifest_path)
@@ -298,12 +304,11 @@ def _main(argv: Sequence[str]) -> int:
   from pagkd_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
 
   fl = flags.FLAGS
-  if len(argv) != 2:
+  if len(argv) != (1 if fl.config is not None else 2):
     print(__doc__.split("\n\n")[0], file=sys.stderr)
     print("usage: python -m pagkd_jax.data.validate CONFIG.py[:ARG] [--config.data.X=...] | MANIFEST.csv "
           "[--classes=a,b,c] [--image_size=N] [--group_size=K] [--stage=pagkd] [--fold=F] ...", file=sys.stderr)
     return 2
-  target = argv[1]
   if fl.config is not None:
     config = fl.config
     data, stage, manifest_path = config.data, config.stage, None
@@ -312,7 +317,7 @@ def _main(argv: Sequence[str]) -> int:
       manifest_path = str(synthetic.ensure_generated(data))
   else:
     config = base_config.get_config()
-    data, stage, manifest_path = config.data, fl.stage, target
+    data, stage, manifest_path = config.data, fl.stage, argv[1]
     if fl.classes:
       data.classes = tuple(c.strip() for c in fl.classes.split(",") if c.strip())
     for name in ("image_size", "group_size", "num_folds", "fold", "val_fraction", "split_seed"):
@@ -362,7 +367,6 @@ def main() -> None:
   positional = [a for a in argv[1:] if not a.startswith("-")]
   if positional and _is_config_file(positional[0]):
     argv[argv.index(positional[0])] = f"--config={positional[0]}"
-    argv.append(positional[0])
   app.run(lambda args: sys.exit(_main(args)), argv=argv)
 
 
