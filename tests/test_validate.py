@@ -289,3 +289,20 @@ def test_skip_bad_files_trains_and_lists_the_skipped_file(tmp_path, learnable_ma
   assert len(data.records) == 119 and str(broken) not in {r.path for r in data.records}
   evaluator.evaluate_workdir(str(workdir))
   assert (workdir / "eval" / "metrics.json").exists()
+
+
+def test_class_folder_source_names_the_bad_file_by_path(tmp_path):
+  root = tmp_path / "images"
+  seed = 0
+  for modality in ("wli", "nbi"):
+    for label in CLASSES:
+      for lesion in range(5):
+        _image(root / modality / label / f"{label}{lesion}__{modality}.png", seed)
+        seed += 1
+  broken = _truncated_jpeg(root / "wli" / "adenoma" / "adenoma0__extra.jpg", seed=1)
+  config = _data_config(tmp_path / "unused.csv")
+  config.data.manifest, config.data.root = "", str(root)
+  records, problems, source = validate.read_records(config.data)
+  assert not problems and source == str(root) and len(records) == 31
+  report = validate.check_records(records, None, classes=CLASSES, image_size=SIZE, group_size=4, source=source)
+  assert len(report.errors) == 1 and str(report.errors[0]).startswith(f"{broken}: cannot decode image")
