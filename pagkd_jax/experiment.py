@@ -87,14 +87,8 @@ def _checked_records(config, workdir: str, manifest_path: str | None) -> tuple[l
   """The records and splits of a training run after `validate.check_records` (see `load_split_data`)."""
   data = config.data
   classes = tuple(data.classes)
-  records, problems, source = validate.read_records(data, manifest_path)
-  if problems:  # Invalid manifest rows: the data set itself must be fixed.
-    raise manifest_lib.ManifestError(problems)
-  splits = splits_lib.assign_splits(records, num_folds=data.num_folds, fold=data.fold,
-                                    val_fraction=data.val_fraction, seed=data.split_seed)
   required = ("nbi", "wli") if config.stage == "pagkd" else (stage_modality(config.stage),)
-  report = validate.check_records(records, splits, classes=classes, image_size=data.image_size,
-                                  group_size=data.group_size, required_modalities=required, source=source)
+  records, splits, report = validate.check_data(data, manifest_path=manifest_path, required_modalities=required)
   for warning in report.warnings:
     logging.warning("data check: %s", warning)
   skip = bool(data.get("skip_bad_files", False))

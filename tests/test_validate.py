@@ -306,3 +306,23 @@ def test_class_folder_source_names_the_bad_file_by_path(tmp_path):
   assert not problems and source == str(root) and len(records) == 31
   report = validate.check_records(records, None, classes=CLASSES, image_size=SIZE, group_size=4, source=source)
   assert len(report.errors) == 1 and str(report.errors[0]).startswith(f"{broken}: cannot decode image")
+
+
+def test_training_data_load_lists_row_and_file_problems_together_and_skips_only_bad_files(tmp_path):
+  rows = _dataset(tmp_path)
+  broken = _truncated_jpeg(tmp_path / "img" / "wli" / "broken.jpg", seed=5)
+  rows += [["img/wli/broken.jpg", "wli", "adenoma", "adenoma_2"], [rows[3][0], "wli", "polyp", "x"]]
+  manifest = _write_manifest(tmp_path, rows)
+  for skip in (False, True):
+    config = _data_config(manifest, skip_bad_files=skip)
+    with pytest.raises(validate.DataCheckError) as raised:
+      experiment.load_split_data(config, str(tmp_path / f"run_{skip}"))
+    errors = [str(f) for f in raised.value.report.errors]
+    assert errors[:2] == [
+        f"{manifest}:74: {rows[3][0]}: unknown label 'polyp' (classes: hyperplasia, adenoma, adenocarcinoma; "
+        "or an index 0..2)",
+        f"{manifest}:74: {rows[3][0]}: duplicate path (also row 4)"]
+    assert len(errors) == 3 and errors[2].startswith(f"{manifest}:73: {broken}: cannot decode image (OSError: "
+                                                     "image file is truncated")
+    assert "the other 2 problem(s) must be fixed in the data" in str(raised.value)
+    assert not (tmp_path / f"run_{skip}" / "splits.csv").exists()

@@ -266,6 +266,37 @@ def read_records(data_config: Any, manifest_path: str | None = None) -> tuple[li
     return [], e.problems, source
 
 
+def check_data(data_config: Any, *, manifest_path: str | None = None,
+               required_modalities: Sequence[str] = MODALITIES,
+               num_threads: int | None = None) -> tuple[list[ImageRecord], list[str] | None, Report]:
+  """Reads, splits (`splits.assign_splits` with `data_config`'s fold settings) and checks a data set.
+
+  Invalid manifest rows are errors of the report, listed before the problems of the other rows' images.
+
+  Returns:
+    The valid records, their splits (None when they cannot be split: then that is an error of the report), and
+    the `Report`.
+
+  Raises:
+    FileNotFoundError, ValueError: no data source, or one that cannot be opened at all.
+  """
+  from pagkd_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
+
+  records, problems, source = read_records(data_config, manifest_path)
+  splits = None
+  if records:
+    try:
+      splits = splits_lib.assign_splits(records, num_folds=data_config.num_folds, fold=data_config.fold,
+                                        val_fraction=data_config.val_fraction, seed=data_config.split_seed)
+    except ValueError as e:
+      problems.append(f"{source}: cannot split the data: {e}")
+  report = check_records(records, splits, classes=tuple(data_config.classes), image_size=data_config.image_size,
+                         group_size=data_config.group_size, required_modalities=required_modalities,
+                         source=source, num_threads=num_threads)
+  report.errors[:0] = [Finding(p) for p in problems]
+  return records, splits, report
+
+
 def drop_bad_files(records: Sequence[ImageRecord], splits: Sequence[str],
                    report: Report) -> tuple[list[ImageRecord], list[str]]:
   """`records` and `splits` without the records of `report.bad_files` (the others keep their split)."""
@@ -301,7 +332,6 @@ def _main(argv: Sequence[str]) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   from pagkd_jax import base_config  # pylint: disable=g-import-not-at-top
-  from pagkd_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
 
   fl = flags.FLAGS
   if len(argv) != (1 if fl.config is not None else 2):
@@ -325,20 +355,11 @@ def _main(argv: Sequence[str]) -> int:
         data[name] = fl[name].value
   required = {"teacher": ("nbi",), "baseline": ("wli",)}.get(stage, MODALITIES)
   try:
-    records, problems, source = read_records(data, manifest_path)
+    _, _, report = check_data(data, manifest_path=manifest_path, required_modalities=required)
   except (FileNotFoundError, ValueError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     return 1
-  splits = None
-  if records:
-    try:
-      splits = splits_lib.assign_splits(records, num_folds=data.num_folds, fold=data.fold,
-                                        val_fraction=data.val_fraction, seed=data.split_seed)
-    except ValueError as e:
-      problems.append(f"{source}: cannot split the data: {e}")
-  report = check_records(records, splits, classes=tuple(data.classes), image_size=data.image_size,
-                         group_size=data.group_size, required_modalities=required, source=source)
-  report.errors[:0] = [Finding(p) for p in problems]
+  source = manifest_path or data.manifest or data.root or data.tfds_dir
   print(f"Checked {source} (classes {', '.join(data.classes)}; image_size {data.image_size}; group_size "
         f"{data.group_size}; fold {data.fold} of {data.num_folds}):")
   print(report.format())
