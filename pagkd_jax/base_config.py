@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.fold = 0  # Test fold.
   data.val_fraction = 0.2  # Of the training patients/lesions, carved out for validation.
   data.split_seed = 0
+  # Training checks every image first (python -m pagkd_jax.data.validate runs the same check) and refuses to start
+  # on any error. True: missing, unreadable, undecodable or too small files are left out instead (the other images
+  # keep their split) and listed in WORKDIR/skipped_files.csv; manifest and data-set errors still stop training.
+  data.skip_bad_files = False
   data.image_size = 448
   data.group_size = 8  # N_c: images of every class, per modality, in every training batch.
   data.eval_batch_size = 32  # Fixed; the last batch is padded and masked.

@@ -99,6 +99,25 @@ def read_manifest(
       modality, unknown label, empty path or lesion_id, duplicate path, missing file (when
       `check_files`), and lesions whose rows disagree on label or patient.
   """
+  records, problems = parse_manifest(csv_path, classes, check_files=check_files)
+  if problems:
+    raise ManifestError(problems)
+  return records
+
+
+def parse_manifest(
+    csv_path: str | os.PathLike[str],
+    classes: Sequence[str],
+    *,
+    check_files: bool = True,
+) -> tuple[list[ImageRecord], list[str]]:
+  """`read_manifest` without raising on row problems: the records of the valid rows, and one
+  `file:row: path: problem` line per problem (as `ManifestError.problems`).
+
+  Raises:
+    FileNotFoundError: the manifest does not exist.
+    ManifestError: the header lacks a required column (no row can be read).
+  """
   csv_path = pathlib.Path(csv_path)
   if not csv_path.is_file():
     raise FileNotFoundError(f"manifest not found: {csv_path}")
@@ -148,9 +167,7 @@ def read_manifest(
   if not rows:
     problems.append(f"{csv_path}:0: header: the manifest has no data rows")
   problems.extend(_check_lesion_consistency(records, str(csv_path)))
-  if problems:
-    raise ManifestError(problems)
-  return records
+  return records, problems
 
 
 def records_from_folder(root: str | os.PathLike[str], classes: Sequence[str]) -> list[ImageRecord]:
@@ -209,8 +226,11 @@ def records_from_folder(root: str | os.PathLike[str], classes: Sequence[str]) ->
   return records
 
 
-def load_records(data_config: Any) -> list[ImageRecord]:
+def load_records(data_config: Any, *, check_files: bool = True) -> list[ImageRecord]:
   """Records of `config.data`: from exactly one of `manifest`, `root` or `tfds_dir`.
+
+  `check_files=False` leaves missing manifest files to the caller (`validate.check_records`
+  reports them with the other unreadable files).
 
   Raises:
     ValueError: none or several of the three are set.
@@ -229,7 +249,7 @@ def load_records(data_config: Any) -> list[ImageRecord]:
     raise ValueError("set only one data source; got " +
                      ", ".join(f"config.data.{n}={sources[n]!r}" for n in chosen))
   if chosen[0] == "manifest":
-    records = read_manifest(sources["manifest"], classes)
+    records = read_manifest(sources["manifest"], classes, check_files=check_files)
   elif chosen[0] == "root":
     records = records_from_folder(sources["root"], classes)
   else:

@@ -58,7 +58,7 @@ def evaluate_workdir(workdir: str, which: str = "best") -> dict:
   """Evaluates one workdir's model on its test split; writes WORKDIR/eval/. Returns arrays for pooling."""
   workdir = os.path.abspath(workdir)
   config = load_config(workdir)
-  data = experiment.load_split_data(config)
+  data = experiment.load_split_data(config, skipped_files_of=workdir)
   classes = data.classes
   modality = experiment.stage_modality(config.stage)
   test_records = data.select("test", modality)
