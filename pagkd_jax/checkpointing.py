@@ -54,6 +54,15 @@ def abstract_like(tree, sharding) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def latest_checkpoint_step(workdir: str) -> int | None:
+  """The step of WORKDIR's latest complete training checkpoint (None when there is none); creates nothing."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", "latest")
+  if not os.path.isdir(path):
+    return None
+  with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
+    return mgr.latest_step()
+
+
 class RunCheckpoints:
   """The two checkpoint managers of one workdir."""
 
@@ -99,6 +108,8 @@ class RunCheckpoints:
     self.best.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the saves in flight, then closes both managers."""
+    self.wait()
     self.latest.close()
     self.best.close()
 

@@ -135,25 +135,24 @@ def run_stage(config, workdir: str, program) -> dict:
   modality = experiment.stage_modality(config.stage)
   if config.train.on_nonfinite not in nonfinite.MODES:
     raise ValueError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}; expected one of {nonfinite.MODES}.")
-  ckpts = checkpointing.RunCheckpoints(workdir, keep_latest=config.train.keep_latest)
-  resuming = ckpts.latest_step() is not None
+  resuming = checkpointing.latest_checkpoint_step(workdir) is not None
   if resuming:
     check_resume_config(config, workdir)
   write_config(config, workdir)
   opened = []  # What the loop opens and this function closes, whatever happens.
   try:
     with preemption.PreemptionWatch() as watch:
-      return _train_loop(config, workdir, program, ckpts, resuming, watch, opened)
-  finally:  # Also on an error or SIGTERM: finish the checkpoint being written, so it is never left half-saved.
-    ckpts.wait()
-    ckpts.close()
-    for resource in opened:
+      return _train_loop(config, workdir, program, resuming, watch, opened)
+  finally:  # Also on an error or SIGTERM: checkpoints being written are finished, so none is left half-saved.
+    for resource in reversed(opened):
       resource.close()
 
 
-def _train_loop(config, workdir, program, ckpts, resuming, watch, opened):
+def _train_loop(config, workdir, program, resuming, watch, opened):
   modality = experiment.stage_modality(config.stage)
-  data = experiment.load_split_data(config, workdir)
+  data = experiment.load_split_data(config, workdir)  # Checks every image first; nothing is created before.
+  ckpts = checkpointing.RunCheckpoints(workdir, keep_latest=config.train.keep_latest)
+  opened.append(ckpts)
   classes = data.classes
   train_records = data.select("train", None)
   val_records = data.select("val", modality)
@@ -255,6 +254,7 @@ def _train_loop(config, workdir, program, ckpts, resuming, watch, opened):
     if stop and not last:
       ckpts.wait()
       raise preemption.Preempted(step, workdir)
+  ckpts.wait()
   logging.info("Finished %s in %.1f s; best validation AUC %s at step %s", config.stage,
                time.perf_counter() - t_start, meta["best_val_auc"], meta["best_step"])
   return {"val": val, **meta}
