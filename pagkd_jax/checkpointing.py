@@ -11,6 +11,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -47,6 +48,25 @@ def check_fits(item_dir: str, abstract, what: str, subtrees: tuple[str, ...] | N
     raise CheckpointMismatchError(
         f"The checkpoint {item_dir} does not fit {what} ({len(problems)} arrays differ: {shown}). It was written "
         f"with another architecture (config.model.name) or class list (config.data.classes) than this config.")
+
+
+def restore_numpy(item_dir: str) -> Any:
+  """The tree saved in one checkpoint item folder (e.g. WORKDIR/checkpoints/latest/400/state), as host numpy
+  arrays: for inspecting checkpoints and for values every process needs whole."""
+  path = epath.Path(item_dir).absolute()
+  tree = ocp.PyTreeCheckpointHandler().metadata(path)
+  tree = tree.tree if hasattr(tree, "tree") else tree
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def read_latest_state(workdir: str, step: int | None = None) -> tuple[int, Any]:
+  """(step, training state as a numpy tree) of WORKDIR's latest checkpoint, or of checkpoint `step`."""
+  step = latest_checkpoint_step(workdir) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No training checkpoint in {workdir}.")
+  return step, restore_numpy(os.path.join(os.path.abspath(workdir), "checkpoints", "latest", str(step), "state"))
 
 
 def abstract_like(tree, sharding) -> Any:

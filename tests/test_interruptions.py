@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from etils import epath
 
+from pagkd_jax import checkpointing
 from pagkd_jax.training import classifier_step
 from pagkd_jax.training import nonfinite
 from pagkd_jax.training import trainer
@@ -76,14 +76,7 @@ def _start_and_wait(workdir, data_dir, repo_root, step):
 
 def _checkpoint(workdir, step=None):
   """(step, state) of the latest checkpoint (or of `step`), as numpy."""
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest")) as mgr:
-    step = mgr.latest_step() if step is None else step
-    path = epath.Path(workdir) / "checkpoints" / "latest" / str(step) / "state"
-    tree = ocp.PyTreeCheckpointHandler().metadata(path)
-    tree = tree.tree if hasattr(tree, "tree") else tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      return step, checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+  return checkpointing.read_latest_state(str(workdir), step)
 
 
 def _metric_rows(workdir):
@@ -109,6 +102,7 @@ def test_kill_9_at_a_random_step_then_rerun_ends_exactly_like_an_uninterrupted_r
   proc.wait()
   killed_at = _logged_step(workdir)
   assert killed_at < NUM_STEPS, f"killed too late (step {killed_at})"
+  where = f"killed at step {killed_at} (aimed at {kill_at})"
 
   # Whatever the kill interrupted, every checkpoint orbax lists restores.
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest")) as mgr:
@@ -116,24 +110,24 @@ def test_kill_9_at_a_random_step_then_rerun_ends_exactly_like_an_uninterrupted_r
   for step in steps:
     _checkpoint(workdir, step)
   resumed_from = max(steps, default=0)
-  assert resumed_from <= killed_at
+  assert resumed_from <= killed_at, where
 
   again = _train(workdir, root / "data", repo_root)
   if resumed_from:
     assert f"Resumed from step {resumed_from}" in again.stderr
   step, state = _checkpoint(workdir)
   ref_step, ref_state = _checkpoint(reference)
-  assert step == ref_step == NUM_STEPS
-  jax.tree.map(np.testing.assert_array_equal, state["params"], ref_state["params"])
-  jax.tree.map(np.testing.assert_array_equal, state["batch_stats"], ref_state["batch_stats"])
-  jax.tree.map(np.testing.assert_array_equal, state["opt_state"], ref_state["opt_state"])
-  # metrics.jsonl holds every step once, with the uninterrupted run's losses (for the kill at step {kill_at}).
+  assert step == ref_step == NUM_STEPS, where
+  for part in ("params", "batch_stats", "opt_state"):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, err_msg=f"{part}, {where}"), state[part],
+                 ref_state[part])
+  # metrics.jsonl holds every step once, with the uninterrupted run's losses.
   rows = {r["step"]: r for r in _metric_rows(workdir) if "train/loss" in r}
   ref_rows = {r["step"]: r for r in _metric_rows(reference) if "train/loss" in r}
   assert sorted(rows) == sorted(ref_rows) == list(range(1, NUM_STEPS + 1))
   assert len([r for r in _metric_rows(workdir) if "train/loss" in r]) == NUM_STEPS
   for s in rows:
-    assert rows[s]["train/loss"] == pytest.approx(ref_rows[s]["train/loss"], rel=1e-6), s
+    assert rows[s]["train/loss"] == pytest.approx(ref_rows[s]["train/loss"], rel=1e-6), (s, where)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_then_rerun_resumes(uninterrupted, repo_root):

@@ -10,9 +10,9 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from etils import epath
+
+from pagkd_jax import checkpointing
 
 pytestmark = pytest.mark.slow
 
@@ -49,17 +49,6 @@ def _errors(stderr: str) -> str:
   return "\n".join(lines[-80:])[-6000:]
 
 
-def _latest_state(workdir):
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints", "latest")) as mgr:
-    step = mgr.latest_step()
-  path = epath.Path(workdir) / "checkpoints" / "latest" / str(step) / "state"
-  tree = ocp.PyTreeCheckpointHandler().metadata(path)
-  tree = tree.tree if hasattr(tree, "tree") else tree
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    return step, checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, repo_root):
   root = tmp_path_factory.mktemp("multiprocess")
@@ -83,8 +72,8 @@ def runs(tmp_path_factory, repo_root):
 
 @pytest.mark.parametrize("stage_dir", ["teacher", "."])
 def test_two_processes_end_with_the_parameters_of_one_process_with_two_devices(runs, stage_dir):
-  step_1, one = _latest_state(runs / "one_process" / stage_dir)
-  step_2, two = _latest_state(runs / "two_processes" / stage_dir)
+  step_1, one = checkpointing.read_latest_state(runs / "one_process" / stage_dir)
+  step_2, two = checkpointing.read_latest_state(runs / "two_processes" / stage_dir)
   assert step_1 == step_2 == 4
   for part in ("params", "batch_stats"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), two[part], one[part])

@@ -201,3 +201,15 @@ def test_pth_with_pickled_code_is_refused(tmp_path):
   torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "obj": TorchBasicBlock(4, 4, 1)}, path)
   with pytest.raises(weight_files.WeightFileError, match="weights-only"):
     weight_files.read_state_dict(path)
+
+
+def test_training_processes_do_not_load_pytorch(tmp_path, repo_root):
+  """With PyTorch installed, the metric log (tensorboardX would import it) still leaves it out of training."""
+  code = ("import sys\nfrom pagkd_jax.training import metric_log\n"
+          f"log = metric_log.MetricLog({str(tmp_path)!r}, enabled=True)\nlog.write(1, {{'train/loss': 0.5}})\n"
+          "log.close()\nprint('torch loaded:', 'torch' in sys.modules)\n")
+  done = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "torch loaded: False" in done.stdout
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))

@@ -6,9 +6,9 @@ import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from pagkd_jax import checkpointing
 from pagkd_jax.evaluation import evaluator
 from pagkd_jax.training import trainer
 from training_configs import tiny_synthetic_config
@@ -20,11 +20,8 @@ def data_dir(tmp_path_factory):
 
 
 def _latest_params(workdir):
-  root = os.path.join(workdir, "checkpoints", "latest")
-  mgr = ocp.CheckpointManager(root)
-  step = mgr.latest_step()
-  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
-  return step, restored.state["params"]
+  step, state = checkpointing.read_latest_state(workdir)
+  return step, state["params"]
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data_dir):
@@ -45,8 +42,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data_dir):
   for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   # Training moved the parameters between step 3 and step 6 (the check compares real updates).
-  mgr = ocp.CheckpointManager(os.path.join(uninterrupted, "checkpoints", "latest"))
-  p3 = mgr.restore(3, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())).state["params"]
+  p3 = checkpointing.read_latest_state(uninterrupted, 3)[1]["params"]
   assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p3), jax.tree.leaves(params_a)))
 
   rows = [json.loads(line) for line in open(os.path.join(uninterrupted, "metrics.jsonl"))]

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pagkd_jax import checkpointing
 from pagkd_jax.models import torchvision_layout
 from pagkd_jax.models import weight_files
 
@@ -64,15 +65,6 @@ def read_info(directory: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def _restore_numpy(directory: str) -> dict:
-  """The saved variables as host numpy arrays (the same on every process)."""
-  path = pathlib.Path(directory).absolute() / VARIABLES_DIR
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(path).item_metadata
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata.tree)
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-
-
 def load(init_from: str, model_name: str) -> dict:
   """Backbone variables for model preset `model_name` from `init_from` (an imported folder or a weights file).
 
@@ -81,7 +73,7 @@ def load(init_from: str, model_name: str) -> dict:
   """
   if os.path.isdir(init_from):
     architecture = read_info(init_from)["architecture"]
-    variables = _restore_numpy(init_from) if architecture == model_name else None
+    variables = checkpointing.restore_numpy(os.path.join(init_from, VARIABLES_DIR)) if architecture == model_name else None
   else:
     architecture, variables = import_file(init_from)
   if architecture != model_name:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import sys
 import time
 from typing import Mapping
 
@@ -13,6 +14,24 @@ from absl import logging
 def _to_float(v) -> float | None:
   v = float(v)
   return v if math.isfinite(v) else None
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter (standard event files without TensorFlow), imported without PyTorch.
+
+  tensorboardX imports PyTorch whenever it is installed (e.g. for weight import), only to accept torch tensors,
+  which are never logged here: that would cost every training process seconds of start-up and load a second
+  copy of PyTorch's native runtime beside JAX's.
+  """
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles.
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
 
 
 class MetricLog:
@@ -33,8 +52,7 @@ class MetricLog:
       if resume_step is not None and os.path.exists(path):
         _drop_rows_after(path, resume_step)
       self._jsonl = open(path, "a", buffering=1)
-      from tensorboardX import SummaryWriter  # Writes standard event files without TensorFlow.
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
