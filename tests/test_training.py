@@ -5,11 +5,13 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pagkd_jax import checkpointing
 from pagkd_jax.evaluation import evaluator
+from pagkd_jax.models import resnet
 from pagkd_jax.training import trainer
 from training_configs import tiny_synthetic_config
 
@@ -86,3 +88,27 @@ def test_eval_without_checkpoint_says_so(tmp_path, data_dir):
   (workdir / "config.json").write_text(config.to_json())
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
     evaluator.evaluate([str(workdir)])
+
+
+def test_checkpoint_of_another_architecture_or_class_list_is_named_before_restoring(tmp_path, data_dir):
+  config = tiny_synthetic_config(data_dir, stage="baseline", num_steps=3)
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(config, str(workdir))
+
+  # eval.py on a workdir whose config.json names another architecture than its checkpoints hold.
+  edited = json.loads((workdir / "config.json").read_text())
+  edited["model"]["name"] = "resnet18"
+  (workdir / "config.json").write_text(json.dumps(edited))
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"checkpoints/best/3/variables does not fit .* params/fc/kernel: checkpoint \(64, 3\), "
+                           r"model \(512, 3\)"):
+    evaluator.evaluate([str(workdir)])
+
+  # A class list of another length: the head's shapes differ, and the message says what they are.
+  model = resnet.create_resnet("tiny", 2)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"\(2 arrays differ: params/fc/bias: checkpoint \(3,\), model \(2,\); params/fc/kernel: "
+                           r"checkpoint \(64, 3\), model \(64, 2\)\).*class list"):
+    checkpointing.check_fits(str(workdir / "checkpoints" / "latest" / "3" / "state"), dict(abstract), "the model",
+                             subtrees=("params", "batch_stats"))

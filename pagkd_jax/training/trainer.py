@@ -19,14 +19,14 @@ from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data import class_groups
 from pagkd_jax.evaluation import inference
+from pagkd_jax.evaluation import metrics as metrics_lib
 from pagkd_jax.models import pretrained
 from pagkd_jax.models import torchvision_layout
-from pagkd_jax.evaluation import metrics as metrics_lib
 from pagkd_jax.training import classifier_step
 from pagkd_jax.training import metric_log
 from pagkd_jax.training import nonfinite
-from pagkd_jax.training import preemption
 from pagkd_jax.training import optimizer as optimizer_lib
+from pagkd_jax.training import preemption
 
 
 # Values a resumed run may change: how long it runs, how often it logs and saves, how it reads its data, where
@@ -132,7 +132,7 @@ def run_stage(config, workdir: str, program) -> dict:
   `program.eval_variables(state)`: the {"params", "batch_stats"} of the classifier that is evaluated.
   """
   workdir = os.path.abspath(workdir)
-  modality = experiment.stage_modality(config.stage)
+  experiment.stage_modality(config.stage)  # An unknown stage fails here, before anything is written.
   if config.train.on_nonfinite not in nonfinite.MODES:
     raise ValueError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}; expected one of {nonfinite.MODES}.")
   resuming = checkpointing.latest_checkpoint_step(workdir) is not None
