@@ -62,6 +62,10 @@ _CONFIG = flags.DEFINE_string("config", "configs/synthetic.py", "Preset (path[:a
 _EPOCHS_SCALE = flags.DEFINE_float(
     "epochs_scale", 1.0, "Multiplies train.epochs, distill.warmup_epochs and optim.warmup_epochs of the preset.")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every run (repeatable).")
+_ORDER = flags.DEFINE_enum("order", "seed", ["seed", "arm"],
+                           "seed: every arm of seed 0, then of seed 1, ...; arm: each arm (in --arms order) over "
+                           "every seed before the next arm (the teachers first), so a cut-short run leaves complete "
+                           "arms.")
 _AGGREGATE_ONLY = flags.DEFINE_bool("aggregate_only", False, "Train nothing; aggregate the finished runs.")
 
 
@@ -151,7 +155,8 @@ def run_arm(arm: Arm, seed: int, root: pathlib.Path, config_spec: str, common: l
       "arm": arm.name, "title": arm.title, "seed": seed, "stage": arm.stage, "train_args": args,
       "train_s": train_s, "eval_s": eval_s, "resumed": resumed,
       "test": {"n_images": report["n_images"], "modality": report["modality"],
-               "checkpoint_step": report["checkpoint_step"], "auc_ci95": report["ci95"]["auc"],
+               "checkpoint_step": report["checkpoint_step"],
+               "auc_ci95": (report.get("ci95") or {}).get("auc"),
                **{m: report[m] for m in METRICS}},
       "curve": loss_curve_summary(workdir / "metrics.jsonl"),
   }
@@ -261,11 +266,14 @@ def main(argv) -> None:
   common = epoch_overrides(load_preset(_CONFIG.value), _EPOCHS_SCALE.value) + list(_OVERRIDE.value)
   start = time.perf_counter()
   if not _AGGREGATE_ONLY.value:
-    for seed in seeds:
-      for arm in arms:
-        run_arm(arm, seed, root, _CONFIG.value, common)
+    if _ORDER.value == "seed":
+      plan = [(arm, seed) for seed in seeds for arm in arms]
+    else:
+      plan = [(arm, seed) for arm in arms for seed in seeds]
+    for arm, seed in plan:
+      run_arm(arm, seed, root, _CONFIG.value, common)
   settings = {"config": _CONFIG.value, "seeds": seeds, "arms": [a.name for a in arms],
-              "epochs_scale": _EPOCHS_SCALE.value, "overrides": common,
+              "epochs_scale": _EPOCHS_SCALE.value, "overrides": common, "order": _ORDER.value,
               "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
               "wall_s_this_invocation": time.perf_counter() - start,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
