@@ -5,6 +5,7 @@ Each step is `jax.jit(program.make_update(...))` with the trainer's input / outp
 mesh and the state donated; batches are random uint8 arrays (C, K, S, S, 3) per modality, sharded along K.
 """
 
+import copy
 import dataclasses
 import math
 import os
@@ -28,7 +29,7 @@ from pagkd_jax.training import optimizer as optimizer_lib
 from pagkd_jax.training import pagkd_step
 from pagkd_jax.training.classifier_step import flatten_groups
 
-STEPS = ("baseline", "teacher_forward", "pagkd")
+STEPS = ("baseline", "teacher_forward", "pagkd_warmup", "pagkd")
 
 
 def make_config(*, model: str, image_size: int, dtype: str, group_size: int, num_classes: int = 3,
@@ -101,13 +102,18 @@ def init_teacher(config, model, mesh):
 
 def build_step(name: str, config, mesh=None) -> Step:
   """"baseline": the WLI-only update; "teacher_forward": the frozen teacher's forward pass on the NBI groups, as
-  in the PaGKD loss (inference-mode BatchNorm, logits and layer4 maps); "pagkd": the full stage-2 update."""
+  in the PaGKD loss (inference-mode BatchNorm, logits and layer4 maps); "pagkd": the full stage-2 update with
+  distillation on; "pagkd_warmup": the same update during the cross-entropy warm-up (the lax.cond takes the branch
+  without distillation; the teacher forward pass still runs)."""
   mesh = mesh or mesh_lib.make_mesh()
   model = experiment.build_model(config)
   if name == "baseline":
     return _update_step(name, classifier_step.ClassifierProgram("wli"), config, model, mesh)
   teacher = init_teacher(config, model, mesh)
-  if name == "pagkd":
+  if name in ("pagkd", "pagkd_warmup"):
+    if name == "pagkd_warmup":
+      config = copy.deepcopy(config)
+      config.distill.warmup_epochs = 1e4  # Every benchmarked step is a warm-up step.
     return _update_step(name, pagkd_step.PaGKDProgram(frozen=(teacher,)), config, model, mesh)
   if name != "teacher_forward":
     raise ValueError(f"Unknown step {name!r}; expected one of {STEPS}.")
@@ -171,6 +177,26 @@ def time_step(step: Step, repeats: int, warmup: int = 1) -> dict:
   median = statistics.median(times)
   return {"median_s": median, "times_s": times, "images_per_s": step.images_per_step / median,
           "images_per_step": step.images_per_step}
+
+
+def time_interleaved(steps: dict[str, Step], repeats: int, warmup: int = 1) -> dict[str, dict]:
+  """Like `time_step` for several steps, called in turn (round r runs every step once), so a machine whose load
+  changes during the benchmark slows every step alike."""
+  for step in steps.values():
+    for _ in range(warmup):
+      step.args = step.run(step.args)
+  times = {name: [] for name in steps}
+  for _ in range(repeats):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step.args = step.run(step.args)
+      times[name].append(time.perf_counter() - start)
+  out = {}
+  for name, step in steps.items():
+    median = statistics.median(times[name])
+    out[name] = {"median_s": median, "times_s": times[name], "images_per_s": step.images_per_step / median,
+                 "images_per_step": step.images_per_step}
+  return out
 
 
 def machine_info() -> dict:
