@@ -189,9 +189,13 @@ def _stats(values: list[float]) -> dict:
           "values": [float(v) for v in x]}
 
 
-def aggregate(records: list[dict], reference_arm: str = "baseline") -> dict:
+REFERENCE_ARMS = ("baseline", "no_distill")
+
+
+def aggregate(records: list[dict], reference_arms=REFERENCE_ARMS) -> dict:
   """Per arm and metric: mean, sample std (ddof 1) and n over seeds; for every WLI arm also the paired
-  difference to `reference_arm` over the seeds both have. Arms are ordered as in ARMS (unknown ones last)."""
+  difference to each reference arm over the seeds both have ("minus_<reference>"). Arms are ordered as in ARMS
+  (unknown ones last)."""
   by_arm: dict[str, dict[int, dict]] = {}
   for r in records:
     seeds = by_arm.setdefault(r["arm"], {})
@@ -206,11 +210,13 @@ def aggregate(records: list[dict], reference_arm: str = "baseline") -> dict:
     entry = {"title": runs[0].get("title", arm), "seeds": sorted(seeds),
              **{m: _stats([r["test"][m] for r in runs]) for m in METRICS},
              "train_s": _stats([r["train_s"] for r in runs]) if all("train_s" in r for r in runs) else None}
-    ref = by_arm.get(reference_arm)
-    if ref is not None and arm not in (reference_arm, "teacher"):
+    for reference in reference_arms:
+      ref = by_arm.get(reference)
+      if ref is None or arm in (reference, "teacher"):
+        continue
       common = sorted(set(seeds) & set(ref))
       if common:
-        entry[f"minus_{reference_arm}"] = {
+        entry[f"minus_{reference}"] = {
             m: _stats([seeds[s]["test"][m] - ref[s]["test"][m] for s in common]) for m in METRICS}
     result[arm] = entry
   return result
@@ -224,16 +230,19 @@ def _fmt(stats: dict | None, digits: int = 3, signed: bool = False) -> str:
   return mean if stats["std"] is None else f"{mean} ± {stats['std']:.{digits}f}"
 
 
-def markdown_table(summary: dict, reference_arm: str = "baseline") -> str:
-  """One row per arm: mean ± std over seeds of each metric, and the paired AUC difference to the reference."""
-  head = ["arm", "seeds"] + [f"test {METRIC_NAMES[m]}" for m in METRICS] + [f"AUC - {reference_arm} (paired)",
-                                                                          "train s / run"]
+def markdown_table(summary: dict, reference_arms=REFERENCE_ARMS) -> str:
+  """One row per arm: mean ± std over seeds of each metric, and the AUC difference to each reference arm that
+  was run, paired by seed (with the number of common seeds)."""
+  refs = [r for r in reference_arms if r in summary]
+  head = (["arm", "seeds"] + [f"test {METRIC_NAMES[m]}" for m in METRICS]
+          + [f"AUC - {r} (paired, seeds)" for r in refs] + ["train s / run"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for arm, entry in summary.items():
-    diff = entry.get(f"minus_{reference_arm}")
     row = [f"{entry['title']} (`{arm}`)", str(len(entry["seeds"]))] + [_fmt(entry[m]) for m in METRICS]
-    row += [_fmt(diff["auc"], signed=True) if diff else "-",
-            f"{entry['train_s']['mean']:.0f}" if entry.get("train_s") else "-"]
+    for r in refs:
+      diff = entry.get(f"minus_{r}")
+      row.append(f"{_fmt(diff['auc'], signed=True)} ({diff['auc']['n']})" if diff else "-")
+    row.append(f"{entry['train_s']['mean']:.0f}" if entry.get("train_s") else "-")
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
