@@ -1,0 +1,166 @@
+"""scripts/ablations.py: the mean / std table from per-run record files against NumPy, and one tiny real run."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from training_configs import REPO_ROOT
+
+
+def _load_runner():
+  spec = importlib.util.spec_from_file_location("ablations_runner", REPO_ROOT / "scripts" / "ablations.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+ablations = _load_runner()
+
+# Test metrics per (arm, seed), as eval.py would report them.
+_VALUES = {
+    ("baseline", 0): (0.80, 0.70, 0.69), ("baseline", 1): (0.84, 0.66, 0.65), ("baseline", 2): (0.79, 0.71, 0.70),
+    ("pro_den_paper", 0): (0.83, 0.72, 0.71), ("pro_den_paper", 1): (0.82, 0.70, 0.66),
+    ("pro_den_paper", 2): (0.88, 0.75, 0.74),
+    ("teacher", 0): (0.97, 0.92, 0.92), ("teacher", 1): (0.95, 0.90, 0.89), ("teacher", 2): (0.96, 0.93, 0.93),
+    ("den_only", 1): (0.86, 0.74, 0.73),  # One seed only: no standard deviation.
+}
+# The second reference arm (stage 2 without distillation), run for two seeds only.
+_CONTROL = {("no_distill", 0): (0.81, 0.69, 0.68), ("no_distill", 2): (0.85, 0.73, 0.72)}
+
+
+def _write_records(root):
+  for (arm, seed), values in _VALUES.items():
+    d = root / f"seed{seed}" / arm
+    d.mkdir(parents=True)
+    record = {"arm": arm, "seed": seed, "title": arm, "train_s": 10.0 * seed + 1, "eval_s": 1.0,
+              "test": dict(zip(ablations.METRICS, values))}
+    (d / ablations.RUN_RECORD).write_text(json.dumps(record))
+
+
+def test_aggregate_matches_numpy_mean_and_sample_std(tmp_path):
+  _write_records(tmp_path)
+  summary = ablations.aggregate(ablations.read_records(tmp_path))
+  assert list(summary) == ["teacher", "baseline", "den_only", "pro_den_paper"]  # The runner's arm order.
+  for arm in ("teacher", "baseline", "pro_den_paper"):
+    for i, metric in enumerate(ablations.METRICS):
+      x = np.array([_VALUES[(arm, s)][i] for s in range(3)])
+      entry = summary[arm][metric]
+      np.testing.assert_allclose(entry["mean"], x.sum() / 3, rtol=1e-12)
+      np.testing.assert_allclose(entry["std"], np.sqrt(np.sum((x - x.mean()) ** 2) / 2), rtol=1e-12)
+      assert entry["n"] == 3
+  # Paired differences to the baseline, seed by seed.
+  for i, metric in enumerate(ablations.METRICS):
+    diff = np.array([_VALUES[("pro_den_paper", s)][i] - _VALUES[("baseline", s)][i] for s in range(3)])
+    entry = summary["pro_den_paper"]["minus_baseline"][metric]
+    np.testing.assert_allclose(entry["mean"], diff.mean(), rtol=1e-12)
+    np.testing.assert_allclose(entry["std"], diff.std(ddof=1), rtol=1e-12)
+  assert "minus_baseline" not in summary["teacher"] and "minus_baseline" not in summary["baseline"]
+  # A single seed: its value, no std, and a paired difference over the one common seed.
+  one = summary["den_only"]
+  assert one["auc"]["mean"] == pytest.approx(0.86) and one["auc"]["std"] is None and one["seeds"] == [1]
+  assert one["minus_baseline"]["auc"]["mean"] == pytest.approx(0.86 - 0.84)
+  np.testing.assert_allclose(summary["baseline"]["train_s"]["mean"], np.mean([1.0, 11.0, 21.0]))
+
+
+def test_markdown_table_shows_mean_plus_minus_std(tmp_path):
+  _write_records(tmp_path)
+  table = ablations.markdown_table(ablations.aggregate(ablations.read_records(tmp_path)))
+  lines = table.strip().splitlines()
+  assert len(lines) == 2 + 4
+  auc = np.array([_VALUES[("pro_den_paper", s)][0] for s in range(3)])
+  diff = auc - np.array([_VALUES[("baseline", s)][0] for s in range(3)])
+  row = next(line for line in lines if "`pro_den_paper`" in line)
+  assert f"{auc.mean():.3f} ± {auc.std(ddof=1):.3f}" in row
+  assert f"{diff.mean():+.3f} ± {diff.std(ddof=1):.3f} (3)" in row
+  assert "no_distill" not in lines[0]  # Only references that were run get a column.
+  assert "| 0.860 |" in next(line for line in lines if "`den_only`" in line)
+
+
+def test_paired_difference_to_the_control_uses_the_common_seeds(tmp_path):
+  _write_records(tmp_path)
+  for (arm, seed), values in _CONTROL.items():
+    d = tmp_path / f"seed{seed}" / arm
+    d.mkdir(parents=True)
+    (d / ablations.RUN_RECORD).write_text(json.dumps(
+        {"arm": arm, "seed": seed, "train_s": 1.0, "eval_s": 1.0, "test": dict(zip(ablations.METRICS, values))}))
+  summary = ablations.aggregate(ablations.read_records(tmp_path))
+  diff = np.array([_VALUES[("pro_den_paper", s)][0] - _CONTROL[("no_distill", s)][0] for s in (0, 2)])
+  entry = summary["pro_den_paper"]["minus_no_distill"]["auc"]
+  assert entry["n"] == 2
+  np.testing.assert_allclose([entry["mean"], entry["std"]], [diff.mean(), diff.std(ddof=1)], rtol=1e-12)
+  assert "minus_no_distill" not in summary["den_only"]  # Seed 1 only: no common seed with the control.
+  control = summary["no_distill"]["minus_baseline"]["auc"]
+  np.testing.assert_allclose(control["mean"], np.mean([0.81 - 0.80, 0.85 - 0.79]), rtol=1e-12)
+  header = ablations.markdown_table(summary).splitlines()[0]
+  assert "AUC - baseline (paired, seeds)" in header and "AUC - no_distill (paired, seeds)" in header
+
+
+def test_bad_or_duplicate_records_are_named(tmp_path):
+  _write_records(tmp_path)
+  bad = tmp_path / "seed0" / "baseline" / ablations.RUN_RECORD
+  bad.write_text(json.dumps({"arm": "baseline", "seed": 0, "test": {"auc": 0.8}}))
+  with pytest.raises(ValueError, match=str(bad)):
+    ablations.read_records(tmp_path)
+  records = [{"arm": "baseline", "seed": 0, "test": dict.fromkeys(ablations.METRICS, 0.5)}] * 2
+  with pytest.raises(ValueError, match="Two records for arm 'baseline', seed 0"):
+    ablations.aggregate(records)
+
+
+def test_epoch_scaling_and_teacher_reuse(tmp_path):
+  config = ablations.load_preset("configs/synthetic.py")
+  assert ablations.epoch_overrides(config, 1.0) == []
+  scaled = ablations.epoch_overrides(config, 0.5)
+  assert scaled == [f"--config.train.epochs={config.train.epochs / 2:g}",
+                    f"--config.distill.warmup_epochs={config.distill.warmup_epochs / 2:g}",
+                    f"--config.optim.warmup_epochs={config.optim.warmup_epochs / 2:g}"]
+  with pytest.raises(ValueError, match="epochs_scale"):
+    ablations.epoch_overrides(config, 0.0)
+  args = ablations.train_args(ablations.ARMS["image_level"], 2, tmp_path, "configs/synthetic.py", ["--x=1"])
+  assert f"--config.teacher.workdir={tmp_path / 'seed2' / 'teacher'}" in args
+  assert "--config.distill.level=image" in args and "--config.seed=2" in args and "--config.stage=pagkd" in args
+  teacher = ablations.train_args(ablations.ARMS["teacher"], 2, tmp_path, "configs/synthetic.py", [])
+  assert "--config.stage=teacher" in teacher and not any("teacher.workdir" in a for a in teacher)
+
+
+def test_runner_trains_teacher_once_reuses_it_and_skips_finished_runs(tmp_path):
+  """A real two-run ablation (the seed's teacher, then one student arm) in seconds, then a rerun that trains
+  nothing."""
+  root = tmp_path / "runs"
+  overrides = [
+      f"--config.data.synthetic.out={tmp_path / 'data'}", "--config.data.synthetic.lesions_per_class=8",
+      "--config.data.synthetic.image_size=32", "--config.data.synthetic.images_per_lesion=2",
+      "--config.data.image_size=32", "--config.data.group_size=4", "--config.data.eval_batch_size=16",
+      "--config.train.num_steps=3", "--config.train.log_every_steps=1", "--config.train.eval_every_steps=3",
+      "--config.train.checkpoint_every_steps=3", "--config.distill.warmup_epochs=0",
+      "--config.eval.bootstrap_samples=10", "--config.eval.num_cam_images=1",
+  ]
+  cmd = [sys.executable, "scripts/ablations.py", f"--root={root}", "--seeds=0", "--arms=pro_only",
+         "--config=configs/synthetic.py:smoke", *[f"--override={o}" for o in overrides]]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  first = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  assert "[run ] seed 0 teacher" in first.stdout and "[run ] seed 0 pro_only" in first.stdout
+
+  student = json.loads((root / "seed0" / "pro_only" / ablations.RUN_RECORD).read_text())
+  assert f"--config.teacher.workdir={root / 'seed0' / 'teacher'}" in student["train_args"]
+  assert "--config.distill.use_den=False" in student["train_args"]
+  assert not (root / "seed0" / "pro_only" / "teacher").exists()  # No second teacher inside the student's run.
+  config = json.loads((root / "seed0" / "pro_only" / "config.json").read_text())
+  assert config["distill"]["use_den"] is False and config["distill"]["use_pro"] is True
+  report = json.loads((root / "seed0" / "pro_only" / "eval" / "metrics.json").read_text())
+  assert student["test"]["auc"] == report["auc"] and student["test"]["modality"] == "wli"
+  assert student["curve"]["loss_pro_first"] > 0  # Distillation ran (warm-up 0) and was logged.
+
+  result = json.loads((root / "ablations.json").read_text())
+  assert set(result["summary"]) == {"teacher", "pro_only"}
+  assert result["summary"]["pro_only"]["auc"]["mean"] == report["auc"]
+  assert "`pro_only`" in (root / "ablations.md").read_text()
+
+  again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "[run ]" not in again.stdout and again.stdout.count("[skip]") == 2
