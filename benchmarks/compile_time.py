@@ -6,11 +6,10 @@ baseline step, the teacher forward pass and the PaGKD step, built as the trainer
   python benchmarks/compile_time.py --image_sizes=224 --dtypes=float32 --steps=baseline,pagkd
 """
 
-import json
-import pathlib
 
 from absl import app, flags
 
+import result_file
 import training_steps
 
 _MODEL = flags.DEFINE_enum("model", "resnet50", ["resnet50", "resnet18", "tiny"], "Backbone of both networks.")
@@ -50,10 +49,7 @@ def main(argv) -> None:
 
   result = {"benchmark": "compile_time", "model": _MODEL.value, "num_classes": _NUM_CLASSES.value,
             "group_size": _GROUP_SIZE.value, "persistent_cache": False, "rows": rows, "machine": machine}
-  out = pathlib.Path(_OUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
-  print(f"wrote {out}")
+  result_file.write(_OUT.value, result)
 
 
 if __name__ == "__main__":

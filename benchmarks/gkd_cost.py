@@ -16,14 +16,13 @@ temp_size_in_bytes (the scratch XLA allocates for the program; None where the ba
   python benchmarks/gkd_cost.py --feature_size=14 --image_size=448 --dtype=bfloat16
 """
 
-import json
 import math
-import pathlib
 
 import jax
 import numpy as np
 from absl import app, flags
 
+import result_file
 import training_steps
 
 _GROUP_SIZES = flags.DEFINE_list("group_sizes", ["2", "4", "8", "16", "32"], "N_c values.")
@@ -126,10 +125,7 @@ def main(argv) -> None:
   result = {"benchmark": "gkd_cost", "num_classes": c, "feature_size": _FEATURE_SIZE.value,
             "features": _FEATURES.value, "image_size": _IMAGE_SIZE.value, "dtype": dtype,
             "repeats": _REPEATS.value, "rows": rows, "growth": growth, "machine": machine}
-  out = pathlib.Path(_OUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
-  print(f"wrote {out}")
+  result_file.write(_OUT.value, result)
 
 
 if __name__ == "__main__":

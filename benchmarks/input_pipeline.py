@@ -11,7 +11,6 @@ training. Prints a table and writes JSON with machine info:
   python benchmarks/input_pipeline.py --image_size=448 --workers=0,4,8 --consumer_dtype=bfloat16
 """
 
-import json
 import os
 import pathlib
 import platform
@@ -27,6 +26,8 @@ from PIL import Image
 
 from pagkd_jax import base_config
 from pagkd_jax.data import augment, class_groups, image_io, manifest
+
+import result_file
 
 _MANIFEST = flags.DEFINE_string("manifest", "", "CSV manifest of real data (default: temp JPEGs).")
 _CLASSES = flags.DEFINE_list("classes", list(base_config.get_config().data.classes),
@@ -183,10 +184,7 @@ def main(argv) -> None:
           "grain": getattr(grain, "__version__", "unknown"),
       },
   }
-  out = pathlib.Path(_OUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
-  print(f"wrote {out}")
+  result_file.write(_OUT.value, result)
 
 
 if __name__ == "__main__":

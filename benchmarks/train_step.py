@@ -25,12 +25,10 @@ the goal on a GPU is overhead <= 1.15 and a distillation share under 10 %.
   python benchmarks/train_step.py --image_sizes=224 --dtypes=float32 --repeats=3    # a CPU-sized run
 """
 
-import json
-import pathlib
-
 import jax
 from absl import app, flags
 
+import result_file
 import training_steps
 
 _MODEL = flags.DEFINE_enum("model", "resnet50", ["resnet50", "resnet18", "tiny"], "Backbone of both networks.")
@@ -112,10 +110,7 @@ def main(argv) -> None:
   result = {"benchmark": "train_step", "model": _MODEL.value, "num_classes": c, "group_size": k,
             "variant": _VARIANT.value, "repeats": _REPEATS.value, "persistent_cache": _CACHE.value,
             "settings": settings, "machine": machine}
-  out = pathlib.Path(_OUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2))
-  print(f"wrote {out}")
+  result_file.write(_OUT.value, result)
 
 
 if __name__ == "__main__":

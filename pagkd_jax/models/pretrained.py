@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from pagkd_jax import checkpointing
 from pagkd_jax.models import torchvision_layout
@@ -89,10 +90,9 @@ def overlay(variables: dict, pretrained: dict) -> dict:
   Raises:
     ValueError: naming pretrained leaves the model lacks or whose shapes differ.
   """
-  flat = {tuple(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  flat = traverse_util.flatten_dict(variables)
   problems = []
-  for path, value in jax.tree_util.tree_flatten_with_path(pretrained)[0]:
-    key = tuple(k.key for k in path)
+  for key, value in traverse_util.flatten_dict(pretrained).items():
     if key not in flat:
       problems.append(f"{'/'.join(key)} is not a variable of the model")
     elif tuple(flat[key].shape) != tuple(np.shape(value)):
@@ -101,10 +101,4 @@ def overlay(variables: dict, pretrained: dict) -> dict:
       flat[key] = jax.numpy.asarray(value, flat[key].dtype)
   if problems:
     raise ValueError("Pretrained weights do not fit the model: " + "; ".join(problems[:12]))
-  result: dict = {}
-  for key, value in flat.items():
-    node = result
-    for part in key[:-1]:
-      node = node.setdefault(part, {})
-    node[key[-1]] = value
-  return result
+  return traverse_util.unflatten_dict(flat)

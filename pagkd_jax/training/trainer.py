@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from pagkd_jax import checkpointing
 from pagkd_jax import experiment
@@ -37,19 +38,9 @@ RESUMABLE_CHANGES = ("train.num_steps", "train.epochs", "train.log_every_steps",
                      "data.root", "data.tfds_dir", "data.synthetic.out", "teacher.workdir", "model.init_from", "eval.")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
   """(key, old value, new value) of every config value that differs (JSON forms of the configs)."""
-  a, b = _flat(old), _flat(new)
+  a, b = traverse_util.flatten_dict(old, sep="."), traverse_util.flatten_dict(new, sep=".")
   return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
