@@ -101,6 +101,9 @@ class RunCheckpoints:
     return self.latest.latest_step()
 
   def save_latest(self, step: int, state, data_iter, meta: dict) -> None:
+    # One manager finalises at a time: with several processes, two background finalisations would enter orbax's
+    # multi-host barrier under the same name at once and fail ("Barrier ... is already ongoing").
+    self.best.wait_until_finished()
     self.latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter),
         meta=ocp.args.JsonSave(meta)), force=True)
@@ -117,6 +120,7 @@ class RunCheckpoints:
 
   def save_best(self, step: int, variables, val_auc: float) -> None:
     # A run resumed from before a crash may reach a step whose best checkpoint it already wrote.
+    self.latest.wait_until_finished()  # See save_latest.
     if step in self.best.all_steps():
       self.best.wait_until_finished()
       self.best.delete(step)
