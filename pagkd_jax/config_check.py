@@ -138,8 +138,8 @@ def _data_sources_ok(synthetic, manifest, root, tfds_dir) -> bool:
 
 
 def _classes_ok(classes) -> bool:
-  return (is_sequence(classes) and len(classes) >= 2 and len(set(classes)) == len(classes)
-          and all(isinstance(c, str) and c.strip() for c in classes))
+  return (is_sequence(classes) and all(isinstance(c, str) and c.strip() for c in classes) and len(classes) >= 2
+          and len(set(classes)) == len(classes))
 
 
 def _thresholds_ok(t) -> bool:

@@ -39,6 +39,7 @@ BROKEN = [
     ({"data.classes": ["adenoma"]}, ["data.classes=['adenoma']: expected at least 2 distinct, non-empty class names"]),
     ({"data.classes": ["a", "a"]}, ["data.classes=['a', 'a']: expected at least 2 distinct, non-empty class names"]),
     ({"data.classes": ["a", " "]}, ["data.classes=['a', ' ']: expected at least 2 distinct, non-empty class names"]),
+    ({"data.classes": ["a", ["b"]]}, ["data.classes=['a', ['b']]: expected at least 2 distinct, non-empty class names"]),
     ({"data.num_folds": 1}, ["data.num_folds=1: expected an integer >= 2"]),
     ({"data.fold": 5}, ["data.fold=5, data.num_folds=5: expected an integer with 0 <= data.fold < data.num_folds"]),
     ({"data.fold": -1}, ["data.fold=-1, data.num_folds=5: expected an integer with 0 <= data.fold < data.num_folds"]),
