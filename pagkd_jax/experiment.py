@@ -13,13 +13,16 @@ from pagkd_jax.data.records import ImageRecord
 from pagkd_jax.models import resnet
 
 
+STAGES = ("teacher", "baseline", "pagkd")  # The values of config.stage.
+
+
 def stage_modality(stage: str) -> str:
   """The modality a stage trains and is evaluated on: NBI for the teacher, WLI otherwise."""
   if stage == "teacher":
     return "nbi"
-  if stage in ("baseline", "pagkd"):
+  if stage in STAGES:
     return "wli"
-  raise ValueError(f"Unknown config.stage {stage!r}; expected 'teacher', 'baseline' or 'pagkd'.")
+  raise ValueError(f"Unknown config.stage {stage!r}; expected one of {STAGES}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@
   python -m pagkd_jax.data.validate configs/piccolo.py --config.data.manifest=/data/piccolo/manifest.csv
   python -m pagkd_jax.data.validate /data/piccolo/manifest.csv [--classes=a,b,c] [--image_size=448]
 
-`train.py` runs the same check (`experiment.load_split_data`) before it trains anything.
+`train.py` runs the same check (`experiment.load_split_data`) before it trains anything. Given a config, its values
+are checked first (`config_check`, as train.py does): a mistaken one exits with status 2.
 
 Errors (training refuses to start):
   * in the manifest, found when it is read (`manifest.parse_manifest`): missing columns, empty path or
@@ -340,7 +341,9 @@ def _main(argv: Sequence[str]) -> int:
           "[--classes=a,b,c] [--image_size=N] [--group_size=K] [--stage=pagkd] [--fold=F] ...", file=sys.stderr)
     return 2
   if fl.config is not None:
+    from pagkd_jax import config_check  # pylint: disable=g-import-not-at-top
     config = fl.config
+    config_check.exit_on_problems(config_check.find_problems(config))  # Exit status 2, before any data is read.
     data, stage, manifest_path = config.data, config.stage, None
     if data.synthetic.enabled:
       from pagkd_jax.data import synthetic  # pylint: disable=g-import-not-at-top

@@ -20,6 +20,7 @@ from pagkd_jax.distill import srca
 from pagkd_jax.models.cam import class_activation_map
 
 VARIANT_DEFAULTS = {"paper": {"lambda_pro": 1.0}, "release": {"lambda_pro": 1e-3}}
+LEVELS = ("group", "image")  # distill.level: PaGKD's class groups, or the image-level ablation.
 
 
 def resolved(distill_config, name: str):
@@ -31,11 +32,11 @@ def resolved(distill_config, name: str):
 def check_config(distill_config) -> None:
   d = distill_config
   if d.variant not in VARIANT_DEFAULTS:
-    raise ValueError(f"Unknown distill.variant {d.variant!r}; expected 'paper' or 'release'.")
-  if d.level not in ("group", "image"):
-    raise ValueError(f"Unknown distill.level {d.level!r}; expected 'group' or 'image'.")
-  if d.prototypes not in ("qformer", "avg_pool"):
-    raise ValueError(f"Unknown distill.prototypes {d.prototypes!r}; expected 'qformer' or 'avg_pool'.")
+    raise ValueError(f"Unknown distill.variant {d.variant!r}; expected one of {tuple(VARIANT_DEFAULTS)}.")
+  if d.level not in LEVELS:
+    raise ValueError(f"Unknown distill.level {d.level!r}; expected one of {LEVELS}.")
+  if d.prototypes not in qformer.EXTRACTOR_KINDS:
+    raise ValueError(f"Unknown distill.prototypes {d.prototypes!r}; expected one of {qformer.EXTRACTOR_KINDS}.")
 
 
 def region_labels(images: jax.Array, features: jax.Array, fc_kernel: jax.Array, labels: jax.Array,

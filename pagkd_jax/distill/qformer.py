@@ -18,7 +18,7 @@ VARIANTS = ("paper", "release")
 EXTRACTOR_KINDS = ("qformer", "avg_pool")
 
 # Per-variant default number of heads when `LRQFormer.num_heads` is None.
-_DEFAULT_HEADS = {"paper": 8, "release": 16}
+DEFAULT_HEADS = {"paper": 8, "release": 16}
 
 
 def _check_tokens(tokens: jax.Array, who: str) -> None:
@@ -141,7 +141,7 @@ class LRQFormer(nn.Module):
       raise ValueError(f"LRQFormer: unknown variant {self.variant!r}; expected one of {VARIANTS}.")
     _check_tokens(tokens, "LRQFormer")
     g, k, h, w, d = tokens.shape
-    num_heads = _DEFAULT_HEADS[self.variant] if self.num_heads is None else self.num_heads
+    num_heads = DEFAULT_HEADS[self.variant] if self.num_heads is None else self.num_heads
     if num_heads <= 0 or d % num_heads:
       raise ValueError(f"LRQFormer: num_heads={num_heads} must divide the token width d={d}.")
     tokens = tokens.astype(self.dtype).reshape(g, k, h * w, d)

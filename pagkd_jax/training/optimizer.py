@@ -3,6 +3,8 @@ torch Adam `weight_decay`), optional gradient clipping and warm-up + cosine sche
 
 import optax
 
+SCHEDULES = ("constant", "warmup_cosine")  # The values of optim.schedule.
+
 
 def learning_rate_schedule(optim_config, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
   lr = optim_config.learning_rate
@@ -12,8 +14,7 @@ def learning_rate_schedule(optim_config, total_steps: int, steps_per_epoch: int)
     warmup = int(round(optim_config.warmup_epochs * steps_per_epoch))
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=max(warmup, 1),
                                               decay_steps=max(total_steps, warmup + 1))
-  raise ValueError(f"Unknown optim.schedule {optim_config.schedule!r}; expected 'constant' or "
-                   "'warmup_cosine'.")
+  raise ValueError(f"Unknown optim.schedule {optim_config.schedule!r}; expected one of {SCHEDULES}.")
 
 
 def make_optimizer(optim_config, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
