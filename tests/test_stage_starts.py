@@ -3,6 +3,8 @@ a trained run's workdir as `config.model.init_from`, and best-checkpoint selecti
 
 import json
 import os
+import re
+import shutil
 
 import jax
 import numpy as np
@@ -10,7 +12,13 @@ import pytest
 
 from pagkd_jax import checkpointing
 from pagkd_jax import experiment
+from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data import class_groups
+from pagkd_jax.models import pretrained
+from pagkd_jax.models import resnet
+from pagkd_jax.training import classifier_step
+from pagkd_jax.training import optimizer
+from pagkd_jax.training import pagkd_step
 from pagkd_jax.training import trainer
 from training_configs import tiny_synthetic_config
 
@@ -73,3 +81,56 @@ def test_wli_batches_do_not_depend_on_the_other_modality(runs):
     np.testing.assert_array_equal(a["wli"], b["wli"])
     np.testing.assert_array_equal(a["label"], b["label"])
     assert not np.array_equal(b["wli"], b["nbi"])
+
+
+def _backbone(variables):
+  return {"params": {k: v for k, v in variables["params"].items() if k != "fc"},
+          "batch_stats": variables["batch_stats"]}
+
+
+@pytest.mark.parametrize("source", ["teacher", "control"])
+def test_init_from_a_workdir_starts_every_stage_from_its_best_backbone(runs, data_dir, source):
+  """A teacher's workdir gives its classifier, a stage-2 workdir its student: params and BatchNorm statistics of
+  the best checkpoint, with a freshly initialised head, for the baseline and the stage-2 student alike."""
+  workdir = str(runs[source])
+  step = checkpointing.best_checkpoint_step(workdir)
+  assert step is not None
+  best = checkpointing.read_best_variables(workdir, step)
+  mesh = mesh_lib.make_mesh()
+  model = resnet.create_resnet("tiny", 3)
+  config = tiny_synthetic_config(data_dir, stage="baseline")
+  tx = optimizer.make_optimizer(config.optim, 10, 5)
+  scratch = trainer.initial_state(config, classifier_step.ClassifierProgram("wli"), model, tx, mesh)
+  config.model.init_from = workdir
+  for stage, program in (("baseline", classifier_step.ClassifierProgram("wli")),
+                         ("pagkd", pagkd_step.PaGKDProgram(frozen=()))):
+    config.stage = stage
+    state = trainer.initial_state(config, program, model, tx, mesh)
+    params = state.params["student"] if stage == "pagkd" else state.params
+    batch_stats = state.batch_stats["student"] if stage == "pagkd" else state.batch_stats
+    jax.tree.map(np.testing.assert_array_equal, _backbone({"params": params, "batch_stats": batch_stats}),
+                 _backbone(best))
+    jax.tree.map(np.testing.assert_array_equal, params["fc"], scratch.params["fc"])  # The head: random init.
+  # The source run was trained: its backbone is not the random start of the same seed.
+  assert not np.array_equal(best["params"]["conv1"]["kernel"], scratch.params["conv1"]["kernel"])
+  assert not np.array_equal(best["batch_stats"]["bn1"]["mean"], scratch.batch_stats["bn1"]["mean"])
+  assert not np.array_equal(best["params"]["fc"]["kernel"], scratch.params["fc"]["kernel"])
+
+
+def test_init_from_a_workdir_of_another_architecture_or_without_checkpoint_is_refused(runs, tmp_path):
+  teacher = str(runs["teacher"])
+  with pytest.raises(ValueError, match=f"init_from={re.escape(teacher)} is a training workdir of a tiny model .* "
+                                       f"config.model.name is 'resnet18'"):
+    pretrained.load(teacher, "resnet18")
+  untrained = tmp_path / "untrained"
+  untrained.mkdir()
+  shutil.copy(os.path.join(teacher, "config.json"), untrained / "config.json")
+  with pytest.raises(FileNotFoundError,
+                     match=f"init_from={re.escape(str(untrained))} is a training workdir without a best checkpoint"):
+    pretrained.load(str(untrained), "tiny")
+  # The normalisation its weights were trained with is the workdir's own.
+  assert pretrained.normalization_of(teacher) == runs["baseline_config"].data.normalization == "imagenet"
+  edited = json.loads((untrained / "config.json").read_text())
+  edited["data"]["normalization"] = "unit"
+  (untrained / "config.json").write_text(json.dumps(edited))
+  assert pretrained.normalization_of(str(untrained)) == "unit"

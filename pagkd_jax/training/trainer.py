@@ -103,9 +103,10 @@ def initial_state(config, program, model, tx, mesh, load_backbone: bool = True):
   if config.model.init_from and load_backbone:
     backbone = pretrained.load(config.model.init_from, config.model.name)
     logging.info("Backbone initialised from %s", config.model.init_from)
-    if config.data.normalization != pretrained.NORMALIZATION:
-      logging.warning("config.data.normalization=%r but the imported weights were trained on %r-normalised "
-                      "inputs.", config.data.normalization, pretrained.NORMALIZATION)
+    trained_on = pretrained.normalization_of(config.model.init_from)
+    if config.data.normalization != trained_on:
+      logging.warning("config.data.normalization=%r but the weights of %s were trained on %r-normalised inputs.",
+                      config.data.normalization, config.model.init_from, trained_on)
   elif not config.model.init_from and config.model.name in torchvision_layout.IMPORTABLE:
     logging.warning("Training %s from random weights (config.model.init_from is empty); the paper starts from "
                     "ImageNet weights: see the README, 'ImageNet weights'.", config.model.name)
