@@ -134,3 +134,83 @@ def test_init_from_a_workdir_of_another_architecture_or_without_checkpoint_is_re
   edited["data"]["normalization"] = "unit"
   (untrained / "config.json").write_text(json.dumps(edited))
   assert pretrained.normalization_of(str(untrained)) == "unit"
+
+
+def _steps_per_epoch(config):
+  data = experiment.load_split_data(config)
+  return class_groups.steps_per_epoch(data.select("train", None), data.classes, "wli", config.data.group_size)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, data_dir, runs):
+  """12 steps of stage 2 with GKD-Pro (average-pool prototypes, the cheapest) after a 6-step warm-up; validation at
+  steps 3, 6 (warm-up), 9 and 12 (distillation on)."""
+  config = tiny_synthetic_config(data_dir, stage="pagkd", num_steps=12)
+  config.teacher.workdir = str(runs["teacher"])
+  config.distill.use_den = False
+  config.distill.prototypes = "avg_pool"
+  config.distill.embed_dim = 16
+  steps_per_epoch = _steps_per_epoch(config)
+  config.distill.warmup_epochs = 6 / steps_per_epoch
+  assert experiment.distillation_warmup_steps(config, steps_per_epoch) == 6
+  workdir = tmp_path_factory.mktemp("distilled") / "run"
+  result = trainer.train_and_evaluate(config, str(workdir))
+  return {"workdir": workdir, "config": config, "result": result}
+
+
+def test_best_checkpoint_is_chosen_after_the_warmup(distilled):
+  workdir, result = distilled["workdir"], distilled["result"]
+  # The warm-up the loop ran is the one the selection assumes: the steps logged at 2, 4, 6 did not distil, those
+  # at 8, 10, 12 did (each row is the mean over the two steps before it).
+  assert _rows(workdir, "train/distill_on") == [(2, 0.0), (4, 0.0), (6, 0.0), (8, 1.0), (10, 1.0), (12, 1.0)]
+  aucs = _rows(workdir, "val/auc")
+  assert [s for s, _ in aucs] == [3, 6, 9, 12]  # Validated during the warm-up too.
+  eligible = [(s, a) for s, a in aucs if s > 6]
+  best_step, best_auc = max(eligible, key=lambda r: (r[1], -r[0]))  # The first of the highest.
+  assert result["best_step"] == best_step == checkpointing.best_checkpoint_step(str(workdir)) > 6
+  assert result["best_val_auc"] == pytest.approx(best_auc)
+
+
+def test_selection_rule():
+  from pagkd_jax import base_config
+  config = base_config.get_config()
+  config.distill.warmup_epochs = 2.0  # 10 steps at 5 steps per epoch.
+  picks = lambda: [s for s in range(1, 31) if trainer.selectable_as_best(config, s, 30, 5)]
+  assert [s for s in range(1, 31) if experiment.distillation_on(config, s, 5)] == list(range(11, 31))
+  assert picks() == list(range(11, 31))
+  config.train.select_after_warmup = False
+  assert picks() == list(range(1, 31))
+  config.train.select_after_warmup = True
+  config.distill.warmup_epochs = 10.0  # Longer than the run: the last step stays eligible.
+  assert picks() == [30]
+  config.distill.use_pro = config.distill.use_den = False  # Nothing to wait for: every step, as the baseline.
+  assert picks() == list(range(1, 31)) and not experiment.distillation_on(config, 30, 5)
+  for stage in ("teacher", "baseline"):
+    config.stage = stage
+    assert picks() == list(range(1, 31)) and not experiment.distillation_on(config, 30, 5)
+
+
+def test_control_chooses_the_baseline_checkpoint(runs):
+  assert (checkpointing.best_checkpoint_step(str(runs["control"]))
+          == checkpointing.best_checkpoint_step(str(runs["baseline"])))
+
+
+def test_eval_records_the_step_and_whether_it_distilled(distilled, runs, caplog):
+  from pagkd_jax.evaluation import evaluator
+  workdir = str(distilled["workdir"])
+  evaluator.evaluate([workdir])
+  saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+  assert saved["checkpoint"] == "best" and saved["checkpoint_step"] == distilled["result"]["best_step"]
+  assert saved["distillation_on"] is True and saved["distillation_warmup_steps"] == 6
+  with caplog.at_level("WARNING"):
+    evaluator.evaluate([str(runs["control"])])
+  saved = json.load(open(os.path.join(runs["control"], "eval", "metrics.json")))
+  assert saved["distillation_on"] is False
+  assert "trained without distillation" in caplog.text
+  # A checkpoint of the distilling run from its warm-up is named as such.
+  caplog.clear()
+  config = distilled["config"]
+  with caplog.at_level("WARNING"):
+    record = evaluator._distillation_record(workdir, config, experiment.load_split_data(config), "latest", 6)
+  assert record == {"distillation_on": False, "distillation_warmup_steps": 6}
+  assert "(step 6) is from the cross-entropy warm-up" in caplog.text

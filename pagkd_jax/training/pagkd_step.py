@@ -83,7 +83,7 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
   pagkd.check_config(d)
   lambda_pro = pagkd.resolved(d, "lambda_pro") if d.use_pro else 0.0
   lambda_den = d.lambda_den if d.use_den else 0.0
-  warmup_steps = int(round(d.warmup_epochs * steps_per_epoch))
+  warmup_steps = experiment.distillation_warmup_steps(config, steps_per_epoch)
   normalization = config.data.normalization
   pairing_key = jax.random.key(config.seed + 1)
 
