@@ -59,8 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = model = ml_collections.ConfigDict()
   model.name = "resnet50"  # "resnet50", "resnet18" or "tiny".
   model.dtype = "float32"  # Compute dtype; "bfloat16" keeps params and BN statistics in float32.
-  # Pretrained backbone: a folder written by `python -m pagkd_jax.tools.import_weights`, or a torchvision .pth /
-  # timm .safetensors ResNet file (converted on the fly). "" starts from random weights.
+  # Pretrained backbone: a folder written by `python -m pagkd_jax.tools.import_weights`, a torchvision .pth /
+  # timm .safetensors ResNet file (converted on the fly), or a trained run's workdir (its best checkpoint: pretrain on
+  # one endoscopy data set, fine-tune on another). The head is always new. "" starts from random weights.
   model.init_from = ""
 
   # ---- optimisation ---------------------------------------------------------------------------
@@ -79,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.num_steps = -1  # > 0 overrides epochs.
   train.log_every_steps = 10
   train.eval_every_steps = 200  # Validation (and best-checkpoint selection) cadence.
+  # Stage "pagkd" with L_pro or L_den on: only validations after the distillation warm-up may choose the best
+  # checkpoint (earlier ones are still run and logged; the last step always may), so the run ships a distilled model.
+  train.select_after_warmup = True
   train.checkpoint_every_steps = 200
   train.keep_latest = 1
   train.on_nonfinite = "stop"  # A NaN/inf loss term: "stop" (error naming step and term) or "skip" the update.

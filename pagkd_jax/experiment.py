@@ -112,5 +112,18 @@ def _checked_records(config, workdir: str, manifest_path: str | None) -> tuple[l
   return records, splits
 
 
+def distillation_warmup_steps(config, steps_per_epoch: int) -> int:
+  """Updates of cross-entropy only before stage 2 adds L_pro and L_den (distill.warmup_epochs)."""
+  return int(round(config.distill.warmup_epochs * steps_per_epoch))
+
+
+def distillation_on(config, step: int, steps_per_epoch: int) -> bool:
+  """Whether the model after `step` updates (a checkpoint of step `step`) was trained with distillation: a stage-2
+  run with L_pro or L_den on, past its warm-up (update number s, counted from 1, distils when s - 1 >= warm-up)."""
+  d = config.distill
+  return (config.stage == "pagkd" and bool(d.use_pro or d.use_den)
+          and step > distillation_warmup_steps(config, steps_per_epoch))
+
+
 def build_model(config) -> resnet.ResNet:
   return resnet.create_resnet(config.model.name, len(config.data.classes), config.model.dtype)

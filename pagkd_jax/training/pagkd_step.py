@@ -21,7 +21,6 @@ from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import pagkd
-from pagkd_jax.models import pretrained
 from pagkd_jax.training import classifier_step
 from pagkd_jax.training.classifier_step import flatten_groups, group_labels
 from pagkd_jax.training.train_state import TrainState
@@ -30,6 +29,10 @@ from pagkd_jax.training.train_state import TrainState
 def unflatten_groups(x: jax.Array, num_classes: int) -> jax.Array:
   """Inverse of `flatten_groups`: (K * C, ...) -> (C, K, ...)."""
   return jnp.swapaxes(x.reshape((-1, num_classes) + x.shape[1:]), 0, 1)
+
+
+# Folded into the run's key for the distillation heads' initialisation; the student uses the key itself.
+HEADS_KEY_TAG = 1
 
 
 def make_heads(config, num_classes: int) -> pagkd.DistillationHeads:
@@ -45,12 +48,11 @@ class PaGKDProgram:
   modalities: tuple = ("wli", "nbi")
 
   def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
-    """Random student and heads; `backbone`: pretrained student variables (all but the head) that replace it."""
+    """The student exactly as the baseline starts (`classifier_step.init_classifier` from `rng`, with `backbone`:
+    pretrained variables, all but the head, that replace it); the distillation heads from a key folded from `rng`."""
     size, num_classes, k = config.data.image_size, len(config.data.classes), config.data.group_size
-    student_rng, heads_rng = jax.random.split(rng)
-    student = model.init(student_rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
-    if backbone is not None:
-      student = pretrained.overlay(student, backbone)
+    student = classifier_step.init_classifier(model, rng, config, backbone)
+    heads_rng = jax.random.fold_in(rng, HEADS_KEY_TAG)
     _, features = jax.eval_shape(lambda: model.apply(student, jnp.zeros((1, size, size, 3)), train=False))
     _, h, w, f = features.shape
     groups = num_classes * k if config.distill.level == "image" else num_classes
@@ -81,7 +83,7 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
   pagkd.check_config(d)
   lambda_pro = pagkd.resolved(d, "lambda_pro") if d.use_pro else 0.0
   lambda_den = d.lambda_den if d.use_den else 0.0
-  warmup_steps = int(round(d.warmup_epochs * steps_per_epoch))
+  warmup_steps = experiment.distillation_warmup_steps(config, steps_per_epoch)
   normalization = config.data.normalization
   pairing_key = jax.random.key(config.seed + 1)
 

@@ -76,6 +76,15 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return max(1, math.ceil(config.train.epochs * steps_per_epoch))
 
 
+def selectable_as_best(config, step: int, num_steps: int, steps_per_epoch: int) -> bool:
+  """Whether the validation of `step` may choose the best checkpoint. With `train.select_after_warmup`, a stage-2
+  run that distils chooses among the steps with distillation on; the last step always may, so every run has one."""
+  d = config.distill
+  if step == num_steps or config.stage != "pagkd" or not config.train.select_after_warmup:
+    return True
+  return not (d.use_pro or d.use_den) or experiment.distillation_on(config, step, steps_per_epoch)
+
+
 def validate(predict_fn, variables, records, classes, config, mesh) -> dict:
   """Validation metrics (AUC, accuracy, macro F1) of `variables` on `records`."""
   probs = inference.predict_records(predict_fn, variables, records, image_size=config.data.image_size,
@@ -103,9 +112,10 @@ def initial_state(config, program, model, tx, mesh, load_backbone: bool = True):
   if config.model.init_from and load_backbone:
     backbone = pretrained.load(config.model.init_from, config.model.name)
     logging.info("Backbone initialised from %s", config.model.init_from)
-    if config.data.normalization != pretrained.NORMALIZATION:
-      logging.warning("config.data.normalization=%r but the imported weights were trained on %r-normalised "
-                      "inputs.", config.data.normalization, pretrained.NORMALIZATION)
+    trained_on = pretrained.normalization_of(config.model.init_from)
+    if config.data.normalization != trained_on:
+      logging.warning("config.data.normalization=%r but the weights of %s were trained on %r-normalised inputs.",
+                      config.data.normalization, config.model.init_from, trained_on)
   elif not config.model.init_from and config.model.name in torchvision_layout.IMPORTABLE:
     logging.warning("Training %s from random weights (config.model.init_from is empty); the paper starts from "
                     "ImageNet weights: see the README, 'ImageNet weights'.", config.model.name)
@@ -237,7 +247,11 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
       log.write(step, {f"val/{k}": v for k, v in val.items() if v is not None})
       logging.info("step %d validation: %s", step, json.dumps(val))
       best = meta["best_val_auc"]
-      if val["auc"] is not None and (best is None or val["auc"] > best):
+      selectable = selectable_as_best(config, step, num_steps, steps_per_epoch)
+      if not selectable:
+        logging.info("step %d is in the distillation warm-up: not eligible as the best checkpoint "
+                     "(config.train.select_after_warmup).", step)
+      if selectable and val["auc"] is not None and (best is None or val["auc"] > best):
         meta = {"best_val_auc": float(val["auc"]), "best_step": step}
         ckpts.save_best(step, variables, val["auc"])
     if save_now:
