@@ -80,8 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   train.num_steps = -1  # > 0 overrides epochs.
   train.log_every_steps = 10
   train.eval_every_steps = 200  # Validation (and best-checkpoint selection) cadence.
-  # Stage "pagkd" with L_pro or L_den on: only validations after the distillation warm-up may choose the best
-  # checkpoint (earlier ones are still run and logged; the last step always may), so the run ships a distilled model.
+  # Stage "pagkd": only validations after the distillation warm-up may choose the best checkpoint (earlier ones are
+  # still run and logged; the last step always may), so the run ships a distilled model; the control with both
+  # losses off chooses among the same steps.
   train.select_after_warmup = True
   train.checkpoint_every_steps = 200
   train.keep_latest = 1

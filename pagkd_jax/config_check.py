@@ -239,6 +239,7 @@ RULES: list[Rule] = [
     number("train.checkpoint_every_steps", integer=True, minimum=1),
     number("train.keep_latest", integer=True, minimum=1),
     choice("train.on_nonfinite", nonfinite.MODES),
+    flag("train.select_after_warmup"),
     # evaluation
     number("eval.bootstrap_samples", integer=True, minimum=0),
     number("eval.num_cam_images", integer=True, minimum=0),

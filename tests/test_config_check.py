@@ -107,6 +107,7 @@ BROKEN = [
     ({"train.checkpoint_every_steps": -5}, ["train.checkpoint_every_steps=-5: expected an integer >= 1"]),
     ({"train.keep_latest": 0}, ["train.keep_latest=0: expected an integer >= 1"]),
     ({"train.on_nonfinite": "ignore"}, ["train.on_nonfinite='ignore': expected one of 'stop', 'skip'"]),
+    ({"train.select_after_warmup": 1}, ["train.select_after_warmup=1: expected True or False"]),
     ({"eval.bootstrap_samples": -1}, ["eval.bootstrap_samples=-1: expected an integer >= 0"]),
     ({"eval.num_cam_images": -1}, ["eval.num_cam_images=-1: expected an integer >= 0"]),
     ({"teacher.workdir": "TMP/teacher"}, [

@@ -183,16 +183,26 @@ def test_selection_rule():
   config.train.select_after_warmup = True
   config.distill.warmup_epochs = 10.0  # Longer than the run: the last step stays eligible.
   assert picks() == [30]
-  config.distill.use_pro = config.distill.use_den = False  # Nothing to wait for: every step, as the baseline.
-  assert picks() == list(range(1, 31)) and not experiment.distillation_on(config, 30, 5)
+  config.distill.warmup_epochs = 2.0
+  config.distill.use_pro = config.distill.use_den = False  # The control chooses among the distilling arms' steps.
+  assert picks() == list(range(11, 31)) and not experiment.distillation_on(config, 30, 5)
   for stage in ("teacher", "baseline"):
     config.stage = stage
     assert picks() == list(range(1, 31)) and not experiment.distillation_on(config, 30, 5)
 
 
-def test_control_chooses_the_baseline_checkpoint(runs):
-  assert (checkpointing.best_checkpoint_step(str(runs["control"]))
-          == checkpointing.best_checkpoint_step(str(runs["baseline"])))
+def test_control_chooses_among_the_steps_after_the_warmup(runs):
+  """The control's validation scores are the baseline's (bitwise); its best checkpoint is the first highest among
+  the steps after the warm-up (and the last step), as for a distilling run."""
+  config = runs["control_config"]
+  spe = class_groups.steps_per_epoch(experiment.load_split_data(config).select("train", None),
+                                     tuple(config.data.classes), "wli", config.data.group_size)
+  warmup = experiment.distillation_warmup_steps(config, spe)
+  rows = _rows(runs["baseline"], "val/auc")
+  eligible = [(s, a) for s, a in rows if s > warmup or s == config.train.num_steps]
+  assert len(eligible) < len(rows) or warmup == 0
+  want = max(eligible, key=lambda r: (r[1], -r[0]))[0]
+  assert checkpointing.best_checkpoint_step(str(runs["control"])) == want
 
 
 def test_eval_records_the_step_and_whether_it_distilled(distilled, runs, caplog):

@@ -78,11 +78,12 @@ def total_steps(config, steps_per_epoch: int) -> int:
 
 def selectable_as_best(config, step: int, num_steps: int, steps_per_epoch: int) -> bool:
   """Whether the validation of `step` may choose the best checkpoint. With `train.select_after_warmup`, a stage-2
-  run that distils chooses among the steps with distillation on; the last step always may, so every run has one."""
-  d = config.distill
+  run chooses among the steps after its cross-entropy warm-up (those with distillation on, where a loss is on); the
+  control with both losses off chooses among the same steps, so it is compared with the distilling arms on equal
+  terms. The last step always may, so every run has a best checkpoint."""
   if step == num_steps or config.stage != "pagkd" or not config.train.select_after_warmup:
     return True
-  return not (d.use_pro or d.use_den) or experiment.distillation_on(config, step, steps_per_epoch)
+  return step > experiment.distillation_warmup_steps(config, steps_per_epoch)
 
 
 def validate(predict_fn, variables, records, classes, config, mesh) -> dict:
