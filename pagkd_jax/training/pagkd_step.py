@@ -3,7 +3,9 @@
 The teacher runs in inference mode (BatchNorm running statistics) under stop_gradient; its variables are an
 input of the update, never trained, never donated and not checkpointed with the student. The student, its head
 and the distillation heads share one optimiser. Distillation starts after `distill.warmup_epochs` of
-cross-entropy only (a `lax.cond`, so the warm-up does not pay for it).
+cross-entropy only (a `lax.cond`, so the warm-up does not pay for it). Until then the heads get no gradient, and,
+as torch's Adam does with such parameters, the optimiser leaves them and their Adam state untouched (the
+optimiser's `gated_params`, see `optimizer.make_optimizer`).
 """
 
 import copy
@@ -42,10 +44,12 @@ def make_heads(config, num_classes: int) -> pagkd.DistillationHeads:
 
 @dataclasses.dataclass(frozen=True)
 class PaGKDProgram:
-  """What `trainer.run_stage` trains in stage "pagkd". `frozen` = (teacher variables,)."""
+  """What `trainer.run_stage` trains in stage "pagkd". `frozen` = (teacher variables,). `gated_params`: the
+  parameter groups the optimiser updates only while distillation is on (`optimizer.make_optimizer`)."""
 
   frozen: tuple
   modalities: tuple = ("wli", "nbi")
+  gated_params: tuple = ("heads",)
 
   def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
     """The student exactly as the baseline starts (`classifier_step.init_classifier` from `rng`, with `backbone`:
@@ -129,13 +133,22 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
 
 
 def make_pagkd_update(model, heads, tx, config, steps_per_epoch: int) -> Callable:
-  """update(state, batch, teacher) -> (state, metrics): one optimiser step of `make_pagkd_loss`."""
+  """update(state, batch, teacher) -> (state, metrics): one optimiser step of `make_pagkd_loss`.
+
+  The update passes `gated_on` (distillation on at this step) to `tx`, so an optimiser built with
+  `gated_params=("heads",)` leaves the heads untouched while they get no gradient (any other `tx` ignores it).
+  """
   loss_fn = make_pagkd_loss(model, heads, config, steps_per_epoch)
+  d = config.distill
+  heads_trained = bool((d.use_pro and pagkd.resolved(d, "lambda_pro")) or (d.use_den and d.lambda_den))
+  heads_from = int(round(d.warmup_epochs * steps_per_epoch))  # As make_pagkd_loss's warm-up.
+  tx = optax.with_extra_args_support(tx)
 
   def update(state: TrainState, batch, teacher):
     (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, state.step, batch, teacher)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    heads_on = jnp.logical_and(heads_trained, state.step >= heads_from)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, gated_on=heads_on)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **terms,
                "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}

@@ -131,6 +131,7 @@ def run_stage(config, workdir: str, program) -> dict:
   `program.modalities`: the modalities its batches hold; `program.init_state(model, tx, rng, config, backbone)`;
   `program.make_update(model, tx, config, steps_per_epoch)` -> pure update(state, batch, *frozen) -> (state, metrics);
   `program.frozen`: extra inputs of the update that are never trained, donated or checkpointed (a teacher);
+  `program.gated_params` (optional): parameter groups its optimiser updates only when the update says so;
   `program.eval_variables(state)`: the {"params", "batch_stats"} of the classifier that is evaluated.
   """
   workdir = os.path.abspath(workdir)
@@ -172,7 +173,8 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
                num_steps, mesh.devices.size)
 
   model = experiment.build_model(config)
-  tx = optimizer_lib.make_optimizer(config.optim, num_steps, steps_per_epoch)
+  tx = optimizer_lib.make_optimizer(config.optim, num_steps, steps_per_epoch,
+                                    gated_params=getattr(program, "gated_params", ()))
   replicated = mesh_lib.replicated(mesh)
   state = initial_state(config, program, model, tx, mesh, load_backbone=not resuming)
 
