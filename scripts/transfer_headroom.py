@@ -16,6 +16,7 @@ The result goes to ROOT/seed<S>/headroom[_from_scratch].json and is printed: bot
 
 import csv
 import hashlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -36,10 +37,21 @@ _FROM_SCRATCH = flags.DEFINE_bool("from_scratch", False, "Start baseline and ora
 _SMOKE = flags.DEFINE_bool("smoke", False, "The presets' ',smoke' variants (tiny data and budget).")
 _REQUIRED = flags.DEFINE_float("required", 0.10, "Test AUC the oracle must gain over the baseline.")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every run (repeatable).")
+_DATA_ROOT = flags.DEFINE_string("data_root", "", "Folder for the synthetic data sets (each run's in the sub-folder "
+                                 "its preset names); '' leaves them where the presets put them.")
 
 
-def run_commands(root: pathlib.Path, seed: int, *, from_scratch: bool, smoke: bool,
-                 overrides: list[str]) -> dict[str, list[str]]:
+def preset_config(spec: str):
+  """`get_config(arg)` of `configs/transfer.py[:arg]`."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("transfer_preset", REPO_ROOT / path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def run_commands(root: pathlib.Path, seed: int, *, from_scratch: bool, smoke: bool, overrides: list[str],
+                 data_root: str = "") -> dict[str, list[str]]:
   """train.py's arguments per run name ("pretrain" unless from scratch, "baseline", "oracle"), in order."""
   suffix = ",smoke" if smoke else ""
   seed_dir = root / f"seed{seed}"
@@ -50,6 +62,10 @@ def run_commands(root: pathlib.Path, seed: int, *, from_scratch: bool, smoke: bo
   runs["baseline"] = [f"--config={PRESET}" + (":smoke" if smoke else ""), "--config.stage=baseline",
                       f"--workdir={seed_dir / 'baseline'}", *init]
   runs["oracle"] = [f"--config={PRESET}:oracle{suffix}", f"--workdir={seed_dir / 'oracle'}", *init]
+  if data_root:
+    for args in runs.values():
+      name = os.path.basename(preset_config(args[0].removeprefix("--config=")).data.synthetic.out)
+      args.append(f"--config.data.synthetic.out={pathlib.Path(data_root).resolve() / name}")
   return {name: [*args, f"--config.seed={seed}", *overrides] for name, args in runs.items()}
 
 
@@ -109,7 +125,7 @@ def main(argv) -> None:
   root = pathlib.Path(_ROOT.value).resolve()
   seed = _SEED.value
   commands = run_commands(root, seed, from_scratch=_FROM_SCRATCH.value, smoke=_SMOKE.value,
-                          overrides=list(_OVERRIDE.value))
+                          overrides=list(_OVERRIDE.value), data_root=_DATA_ROOT.value)
   records = {name: train_and_evaluate(name, args, root / f"seed{seed}" / name, evaluate=name != "pretrain")
              for name, args in commands.items()}
   baseline_images = wli_test_images(root / f"seed{seed}" / "baseline")

@@ -671,7 +671,8 @@ def _fold_plan(num_classes: int, num_wli: int, num_nbi: int, num_paired: int, se
                num_subtypes: int) -> list[_Planned]:
   """Lesions of a data set the folds split: per class, serials [0, P) paired, [P, N_nbi) NBI only,
   [N_nbi, N_nbi + N_wli - P) WLI only (generic task: N lesions listed as WLI, palettes alternating).
-  Lesion ids are a seeded permutation; patients hold 1 or 2 lesions."""
+  Lesion ids are a seeded permutation; patients hold 1 or 2 lesions (generic task: no patients, every lesion its
+  own split group)."""
   lesions = []
   for c in range(num_classes):
     if task == "generic":
@@ -694,7 +695,7 @@ def _fold_plan(num_classes: int, num_wli: int, num_nbi: int, num_paired: int, se
       patient_ids[i] = f"patient{patient:05d}"
     pos += take
     patient += 1
-  return [dataclasses.replace(p, lesion_id=lesion_ids[i], patient_id=patient_ids[i])
+  return [dataclasses.replace(p, lesion_id=lesion_ids[i], patient_id=patient_ids[i] if task == "lesion" else "")
           for i, p in enumerate(lesions)]
 
 
