@@ -25,6 +25,7 @@ from pagkd_jax.data import synthetic
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ARGS = ("pretrain", "oracle", "smoke")
+ARGS = ("pretrain", "oracle", "smoke", "pretrain,smoke", "oracle,smoke")  # Every accepted argument.
 ORACLE_LESION_FACTOR = 10  # The oracle's WLI training lesions, in multiples of the regime's.
 
 
