@@ -24,17 +24,15 @@ from pagkd_jax import base_config
 from pagkd_jax.data import synthetic
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_ARGS = ("pretrain", "oracle", "smoke")
 ARGS = ("pretrain", "oracle", "smoke", "pretrain,smoke", "oracle,smoke")  # Every accepted argument.
 ORACLE_LESION_FACTOR = 10  # The oracle's WLI training lesions, in multiples of the regime's.
 
 
 def get_config(arg: str | None = None):
-  names = [a.strip() for a in (arg or "").split(",") if a.strip()]
-  unknown = [a for a in names if a not in _ARGS]
-  if unknown or len(set(names)) != len(names) or {"pretrain", "oracle"} <= set(names):
+  if arg and arg not in ARGS:
     raise ValueError(f"Unknown argument {arg!r} for configs/transfer.py; expected nothing, 'pretrain', 'oracle' "
                      "or 'smoke', or one of the first two with ',smoke'.")
+  names = arg.split(",") if arg else []
   config = base_config.get_config()
   config.stage = "pagkd"  # Trains the NBI teacher first (in WORKDIR/teacher) unless teacher.workdir is set.
   data = config.data
