@@ -91,12 +91,13 @@ def read_manifest(
 
   `path` is relative to the manifest's folder (absolute paths are kept) and is stored absolute;
   `modality` is `wli`/`nbi` in any case; `label` is a class name of `classes` or an index into it;
-  `split` (optional) is `train`/`val`/`test` or empty. Other columns are ignored. `ImageRecord.row` is the 1-based data row (the header is row 0).
+  `split` (optional) is `train`/`val`/`test` or empty. Other columns are ignored. `ImageRecord.row` is the
+  1-based data row (the header is row 0).
 
   Raises:
     FileNotFoundError: the manifest does not exist.
     ManifestError: listing `file:row: path: problem` for every missing column, unknown
-      modality, unknown label, empty path or lesion_id, duplicate path, missing file (when
+      modality, unknown label or split, empty path or lesion_id, duplicate path, missing file (when
       `check_files`), and lesions whose rows disagree on label or patient.
   """
   records, problems = parse_manifest(csv_path, classes, check_files=check_files)
