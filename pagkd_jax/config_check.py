@@ -39,6 +39,8 @@ from typing import Any
 
 from pagkd_jax import experiment
 from pagkd_jax.data import normalization
+from pagkd_jax.data import splits
+from pagkd_jax.data import synthetic
 from pagkd_jax.distill import pagkd
 from pagkd_jax.distill import qformer
 from pagkd_jax.models import resnet
@@ -172,6 +174,28 @@ def _synthetic_size_ok(synthetic_size, image_size, enabled) -> bool:
   return enabled is not True or not (is_int(synthetic_size) and is_int(image_size)) or synthetic_size >= image_size
 
 
+def _modality_count_ok(v) -> bool:
+  return v == -1 or in_range(v, integer=True, minimum=1)
+
+
+def _fixed_split_ok(eval_lesions, split_mode, enabled) -> bool:
+  return enabled is not True or not is_int(eval_lesions) or (eval_lesions > 0) == (split_mode == "manifest")
+
+
+def _shortcut_needs_fixed_split(agreement, eval_lesions) -> bool:
+  return not (is_number(agreement) and is_int(eval_lesions)) or agreement == 0 or eval_lesions > 0
+
+
+def _generic_task_ok(task, classes, *lesion_options) -> bool:
+  defaults = tuple(synthetic.REGIME_DEFAULTS[k] for k in _LESION_OPTIONS)
+  return task != "generic" or (is_sequence(classes) and len(classes) <= len(synthetic.GENERIC_CLASSES)
+                               and lesion_options == defaults)
+
+
+_LESION_OPTIONS = ("wli_lesions_per_class", "nbi_lesions_per_class", "eval_lesions_per_class", "shortcut_agreement",
+                   "subtypes_per_class")
+
+
 # ---- the rules -------------------------------------------------------------------------------------------------
 SOURCES = ("data.synthetic.enabled", "data.manifest", "data.root", "data.tfds_dir")
 
@@ -217,6 +241,26 @@ RULES: list[Rule] = [
     number("data.synthetic.images_per_lesion", integer=True, minimum=1),
     number("data.synthetic.paired_fraction", minimum=0, maximum=1),
     number("data.synthetic.seed", integer=True, minimum=0),
+    number("data.synthetic.wli_contrast", minimum=0),
+    choice("data.splits", splits.SPLIT_MODES),
+    choice("data.synthetic.task", synthetic.TASKS),
+    Rule("data.synthetic.wli_lesions_per_class", _modality_count_ok,
+         "-1 (data.synthetic.lesions_per_class) or an integer >= 1"),
+    Rule("data.synthetic.nbi_lesions_per_class", _modality_count_ok,
+         "-1 (data.synthetic.lesions_per_class) or an integer >= 1"),
+    number("data.synthetic.eval_lesions_per_class", integer=True, minimum=0),
+    number("data.synthetic.shortcut_agreement", minimum=0, maximum=1),
+    number("data.synthetic.subtypes_per_class", integer=True, minimum=1),
+    Rule(("data.synthetic.eval_lesions_per_class", "data.splits"), _fixed_split_ok,
+         "data.splits='manifest' exactly when data.synthetic.eval_lesions_per_class > 0 (the generator then fixes "
+         "the split)", uses=("data.synthetic.enabled",)),
+    Rule(("data.synthetic.shortcut_agreement", "data.synthetic.eval_lesions_per_class"), _shortcut_needs_fixed_split,
+         "shortcut_agreement 0 unless eval_lesions_per_class > 0 (the shortcut is drawn in training images only, so "
+         "the generator must fix the split)"),
+    Rule(("data.synthetic.task", "data.classes"), _generic_task_ok,
+         f"task 'generic' with at most {len(synthetic.GENERIC_CLASSES)} classes (synthetic.GENERIC_CLASSES) and the "
+         "lesion task's options (" + ", ".join(_LESION_OPTIONS) + ") at their defaults",
+         uses=tuple(f"data.synthetic.{k}" for k in _LESION_OPTIONS)),
     # model
     choice("model.name", tuple(resnet.PRESETS)),
     choice("model.dtype", tuple(resnet.DTYPES)),

@@ -70,8 +70,7 @@ def load_split_data(config, workdir: str | None = None, *, skipped_files_of: str
       records = manifest_lib.read_manifest(manifest_path, classes)
     else:
       records = manifest_lib.load_records(data)
-    splits = splits_lib.assign_splits(records, num_folds=data.num_folds, fold=data.fold,
-                                      val_fraction=data.val_fraction, seed=data.split_seed)
+    splits = splits_lib.split_records(records, data)
     if skipped_files_of is not None:
       skipped = validate.read_skipped_files(os.path.join(skipped_files_of, validate.SKIPPED_FILES_NAME))
       kept = [(r, s) for r, s in zip(records, splits) if (r.path, r.record_index) not in skipped]

@@ -80,6 +80,27 @@ BROKEN = [
     ({"data.synthetic.images_per_lesion": 0}, ["data.synthetic.images_per_lesion=0: expected an integer >= 1"]),
     ({"data.synthetic.paired_fraction": 1.5}, ["data.synthetic.paired_fraction=1.5: expected a number in [0, 1]"]),
     ({"data.synthetic.seed": -1}, ["data.synthetic.seed=-1: expected an integer >= 0"]),
+    ({"data.synthetic.wli_contrast": -0.1}, ["data.synthetic.wli_contrast=-0.1: expected a number >= 0"]),
+    ({"data.splits": "kfold"}, ["data.splits='kfold': expected one of 'folds', 'manifest'"]),
+    ({"data.synthetic.task": "shapes"}, ["data.synthetic.task='shapes': expected one of 'lesion', 'generic'"]),
+    ({"data.synthetic.wli_lesions_per_class": 0}, [
+        "data.synthetic.wli_lesions_per_class=0: expected -1 (data.synthetic.lesions_per_class) or an integer >= 1"]),
+    ({"data.synthetic.nbi_lesions_per_class": -2}, [
+        "data.synthetic.nbi_lesions_per_class=-2: expected -1 (data.synthetic.lesions_per_class) or an integer >= 1"]),
+    ({"data.synthetic.eval_lesions_per_class": -1},
+     ["data.synthetic.eval_lesions_per_class=-1: expected an integer >= 0"]),
+    ({"data.synthetic.shortcut_agreement": 1.5, "data.synthetic.eval_lesions_per_class": 3, "data.splits": "manifest"},
+     ["data.synthetic.shortcut_agreement=1.5: expected a number in [0, 1]"]),
+    ({"data.synthetic.subtypes_per_class": 0}, ["data.synthetic.subtypes_per_class=0: expected an integer >= 1"]),
+    ({"data.synthetic.eval_lesions_per_class": 3}, [
+        "data.synthetic.eval_lesions_per_class=3, data.splits='folds': expected data.splits='manifest' exactly when "
+        "data.synthetic.eval_lesions_per_class > 0 (the generator then fixes the split)"]),
+    ({"data.synthetic.shortcut_agreement": 0.9}, [
+        "data.synthetic.shortcut_agreement=0.9, data.synthetic.eval_lesions_per_class=0: expected shortcut_agreement "
+        "0 unless eval_lesions_per_class > 0 ..."]),
+    ({"data.synthetic.task": "generic", "data.synthetic.subtypes_per_class": 2}, [
+        "data.synthetic.task='generic', data.classes=('hyperplasia', 'adenoma', 'adenocarcinoma'): expected task "
+        "'generic' with at most 10 classes ..."]),
     ({"model.name": "resnet51"}, [
         "model.name='resnet51': expected one of 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'tiny'"]),
     ({"model.dtype": "float16"}, ["model.dtype='float16': expected one of 'float32', 'bfloat16'"]),
@@ -168,6 +189,9 @@ ALLOWED = [
     ({"data.synthetic.enabled": False, "data.synthetic.out": "", "data.synthetic.image_size": 16,
       "data.tfds_dir": "TMP"}, {}),
     ({"train.num_steps": 10, "train.epochs": 0.0}, {}),
+    ({"data.synthetic.eval_lesions_per_class": 3, "data.splits": "manifest", "data.synthetic.shortcut_agreement": 1.0,
+      "data.synthetic.wli_lesions_per_class": 1, "data.synthetic.nbi_lesions_per_class": -1}, {}),
+    ({"data.synthetic.task": "generic", "data.classes": ("stripes", "rings")}, {}),
     ({"optim.weight_decay": 0.0, "optim.b1": 0.0, "distill.lambda_pro": 0.0, "distill.lambda_den": 0.0}, {}),
     ({"distill.thresholds": (1.0, 0.0), "distill.lambda_pro": None, "distill.par_iters": 0}, {}),
     ({"distill.embed_dim": 100, "distill.prototypes": "avg_pool"}, {}),  # No LR-QFormer: its heads do not matter.

@@ -270,7 +270,8 @@ def read_records(data_config: Any, manifest_path: str | None = None) -> tuple[li
 def check_data(data_config: Any, *, manifest_path: str | None = None,
                required_modalities: Sequence[str] = MODALITIES,
                num_threads: int | None = None) -> tuple[list[ImageRecord], list[str] | None, Report]:
-  """Reads, splits (`splits.assign_splits` with `data_config`'s fold settings) and checks a data set.
+  """Reads, splits (`splits.split_records`: `data_config`'s folds or the manifest's split column) and checks a
+  data set.
 
   Invalid manifest rows are errors of the report, listed before the problems of the other rows' images.
 
@@ -287,8 +288,7 @@ def check_data(data_config: Any, *, manifest_path: str | None = None,
   splits = None
   if records:
     try:
-      splits = splits_lib.assign_splits(records, num_folds=data_config.num_folds, fold=data_config.fold,
-                                        val_fraction=data_config.val_fraction, seed=data_config.split_seed)
+      splits = splits_lib.split_records(records, data_config)
     except ValueError as e:
       problems.append(f"{source}: cannot split the data: {e}")
   report = check_records(records, splits, classes=tuple(data_config.classes), image_size=data_config.image_size,
