@@ -152,9 +152,10 @@ from pagkd_jax.training import pagkd_step
 import optax
 # Plain SGD: parameter displacements are then lr times the summed gradients (Adam's normalisation would blow float
 # noise in near-zero gradients up to a full learning-rate step; test_data_parallel.py bounds that separately).
-# The device counts sum in different orders: a few eps32 * sqrt(terms) of each array's scale. Measured here: at
-# most ~2e-6 of an array's largest displacement (AVX2 and AVX-512); 1e-4 leaves room for other CPUs and is far
-# below a real bug (an unreduced gradient, per-device statistics), which moves displacements by 10% of their scale.
+# The device counts sum in different orders: a few eps32 * sqrt(terms) of each array's scale. Measured: at most
+# 8e-6 of an array's largest displacement (AVX2 and AVX-512); 1e-4 leaves room for other CPUs and is far below a
+# real bug (per-device BatchNorm statistics, an unreduced gradient: 6% to 600% of the scale in
+# test_data_parallel.py).
 DISPLACEMENT_RTOL = 1e-4
 LOSS_RTOL = 1e-5  # Means of a few dozen float32 terms: a few eps32 (1.2e-7) times their number.
 EPS32 = float(np.finfo(np.float32).eps)
