@@ -219,6 +219,7 @@ def test_release_uses_the_labels_and_target_of_the_right_images():
 # ---- both variants: jit, gradients, dtypes, memory -----------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("variant", ["paper", "release"])
 def test_jit_grad_finite_and_bfloat16_close(variant):
   inputs = make_inputs(7)
