@@ -110,4 +110,5 @@ def _checked_records(config, workdir: str, manifest_path: str | None) -> tuple[l
 
 
 def build_model(config) -> resnet.ResNet:
-  return resnet.create_resnet(config.model.name, len(config.data.classes), config.model.dtype)
+  return resnet.create_resnet(config.model.name, len(config.data.classes), config.model.dtype,
+                              config.model.conv_impl)
