@@ -2,9 +2,9 @@
 
 XLA's CPU backend computes the weight gradient of a convolution (the correlation of the input with the output
 gradient) 3-12x slower than a matrix product of the same size for 1x1 kernels, which dominate ResNet-50's backward
-pass (k x k kernels: XLA's own measured faster). `conv_dot_wgrad` has the signature of `lax.conv_general_dilated` (so `flax.linen.Conv(...,
-conv_general_dilated=...)` uses it with unchanged parameters) and the same forward pass and input gradient; only
-the kernel gradient is rewritten: for a kh x kw kernel it is, per tap (i, j),
+pass (k x k kernels: XLA's own measured faster). `conv_dot_wgrad` has the signature of `lax.conv_general_dilated`
+(so `flax.linen.Conv(..., conv_general_dilated=...)` uses it with unchanged parameters) and the same forward pass
+and input gradient; only the kernel gradient is rewritten: for a kh x kw kernel it is, per tap (i, j),
 
   dK[i, j] = sum_{b, y, x} X_pad[b, s y + i, s x + j, :]^T dY[b, y, x, :]   (C_in x C_out),
 

@@ -107,11 +107,12 @@ class ResNet(nn.Module):
     h = H / 32 (H / 8 for the small stem); F = 8 * base_width * expansion (2048 for ResNet-50).
     """
     x = images.astype(self.dtype)
+    conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
     if self.stem == "imagenet":
-      x = nn.relu(_batch_norm("bn1", train, self.dtype)(_conv(self.base_width, 7, 2, "conv1", self.dtype, self.conv_impl)(x)))
+      x = nn.relu(_batch_norm("bn1", train, self.dtype)(conv(self.base_width, 7, 2, "conv1")(x)))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
     elif self.stem == "small":
-      x = nn.relu(_batch_norm("bn1", train, self.dtype)(_conv(self.base_width, 3, 1, "conv1", self.dtype, self.conv_impl)(x)))
+      x = nn.relu(_batch_norm("bn1", train, self.dtype)(conv(self.base_width, 3, 1, "conv1")(x)))
     else:
       raise ValueError(f"Unknown ResNet stem {self.stem!r}; expected 'imagenet' or 'small'.")
     for stage, num_blocks in enumerate(self.stage_sizes):
