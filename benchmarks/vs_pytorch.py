@@ -10,7 +10,9 @@ uint8 class groups (C x N_c images of S x S), normalised inside the step as the 
 PyTorch runs on as many threads as JAX's CPU backend uses (the CPUs this process may run on) unless
 `--torch_threads` says otherwise. All steps are called in turn (round r runs each once, after one untimed call),
 so a change of machine load slows all of them alike; medians of `--repeats` rounds; ratio = JAX time / PyTorch
-time (> 1: JAX slower). Needs PyTorch (`pip install torch`).
+time (> 1: JAX slower). PyTorch's OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set otherwise):
+on a CPU shared with other work, spinning OpenMP threads made its steps 2-4x slower. Needs PyTorch
+(`pip install torch`).
 
   python benchmarks/vs_pytorch.py --model=resnet50 --group_sizes=2,8
   python benchmarks/vs_pytorch.py --model=tiny --group_sizes=8 --conv_impls=xla,auto
@@ -18,11 +20,14 @@ time (> 1: JAX slower). Needs PyTorch (`pip install torch`).
 
 import os
 
-import numpy as np
-from absl import app, flags
+# Read once, when PyTorch loads its OpenMP runtime: set before any import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import result_file
-import training_steps
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import result_file  # noqa: E402
+import training_steps  # noqa: E402
 
 _MODEL = flags.DEFINE_enum("model", "resnet50", ["resnet50", "resnet18", "tiny"], "Backbone of both frameworks.")
 _GROUP_SIZES = flags.DEFINE_list("group_sizes", ["2", "8"], "N_c values: images per class and modality per step.")
@@ -121,7 +126,8 @@ def main(argv) -> None:
   machine = training_steps.machine_info()
   c, s = _NUM_CLASSES.value, _IMAGE_SIZE.value
   print(f"\n{_MODEL.value}, {s} px, float32, {c} classes x N_c images; {machine['device_kind']} "
-        f"({machine['cpu_count']} CPUs), jax {machine['jax']}, torch {torch.__version__} on {threads} threads; "
+        f"({machine['cpu_count']} CPUs), jax {machine['jax']}, torch {torch.__version__} on {threads} threads "
+        f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); "
         f"median of {_REPEATS.value} interleaved rounds; ratio = JAX / PyTorch")
   print(f"{'N_c':>4} {'conv_impl':>13} | {'JAX update s':>12} {'torch step s':>12} {'ratio':>6} | "
         f"{'JAX teacher s':>13} {'torch fwd s':>11} {'ratio':>6} | {'sum ratio':>9} | load avg (1 min) before, after")
@@ -134,7 +140,8 @@ def main(argv) -> None:
             f"{ratio['baseline_plus_teacher']:>9.2f} | {r['loadavg_before'][0]:.1f}, {r['loadavg_after'][0]:.1f}")
   result = {"benchmark": "vs_pytorch", "model": _MODEL.value, "num_classes": c, "image_size": s, "dtype": "float32",
             "conv_impls": _CONV_IMPLS.value, "repeats": _REPEATS.value, "torch": torch.__version__,
-            "torch_threads": threads, "results": results, "machine": machine}
+            "torch_threads": threads,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "results": results, "machine": machine}
   result_file.write(_OUT.value, result)
 
 
