@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = model = ml_collections.ConfigDict()
   model.name = "resnet50"  # "resnet50", "resnet18" or "tiny".
   model.dtype = "float32"  # Compute dtype; "bfloat16" keeps params and BN statistics in float32.
+  # Convolutions: "xla" (lax.conv_general_dilated), "dot_wgrad" / "dot_wgrad_1x1" (kernel gradients of all / of 1x1
+  # kernels as matrix products, faster on CPU; same values and parameters) or "auto" (dot_wgrad_1x1 on CPU, else xla).
+  model.conv_impl = "auto"
   # Pretrained backbone: a folder written by `python -m pagkd_jax.tools.import_weights`, a torchvision .pth /
   # timm .safetensors ResNet file (converted on the fly), or a trained run's workdir (its best checkpoint: pretrain on
   # one endoscopy data set, fine-tune on another). The head is always new. "" starts from random weights.

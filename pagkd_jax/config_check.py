@@ -43,6 +43,7 @@ from pagkd_jax.data import splits
 from pagkd_jax.data import synthetic
 from pagkd_jax.distill import pagkd
 from pagkd_jax.distill import qformer
+from pagkd_jax.models import conv
 from pagkd_jax.models import resnet
 from pagkd_jax.training import nonfinite
 from pagkd_jax.training import optimizer
@@ -264,6 +265,7 @@ RULES: list[Rule] = [
     # model
     choice("model.name", tuple(resnet.PRESETS)),
     choice("model.dtype", tuple(resnet.DTYPES)),
+    choice("model.conv_impl", conv.CONV_IMPLS),
     existing("model.init_from", "file or folder", "imported weights, or a .pth / .safetensors file"),
     # optimisation
     number("optim.learning_rate", above=0),

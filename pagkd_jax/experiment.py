@@ -125,4 +125,5 @@ def distillation_on(config, step: int, steps_per_epoch: int) -> bool:
 
 
 def build_model(config) -> resnet.ResNet:
-  return resnet.create_resnet(config.model.name, len(config.data.classes), config.model.dtype)
+  return resnet.create_resnet(config.model.name, len(config.data.classes), config.model.dtype,
+                              config.model.conv_impl)

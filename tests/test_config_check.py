@@ -104,6 +104,8 @@ BROKEN = [
     ({"model.name": "resnet51"}, [
         "model.name='resnet51': expected one of 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'tiny'"]),
     ({"model.dtype": "float16"}, ["model.dtype='float16': expected one of 'float32', 'bfloat16'"]),
+    ({"model.conv_impl": "dot"},
+     ["model.conv_impl='dot': expected one of 'auto', 'xla', 'dot_wgrad', 'dot_wgrad_1x1'"]),
     ({"model.init_from": "TMP/weights"}, [
         "model.init_from='TMP/weights': expected '' or an existing file or folder (imported weights, or a .pth / "
         ".safetensors file)"]),

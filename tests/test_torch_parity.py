@@ -1,12 +1,13 @@
-"""Imported PyTorch ResNets compute what they computed in PyTorch: a torchvision-layout ResNet written here in
-PyTorch, with random weights and random BatchNorm statistics, saved as .pth and .safetensors, converted, and run
-in inference mode beside the Flax model on the same images.
+"""Imported PyTorch ResNets compute what they computed in PyTorch: a torchvision-layout ResNet written in PyTorch
+(benchmarks/torch_resnet.py), with random weights and random BatchNorm statistics, saved as .pth and .safetensors,
+converted, and run in inference mode beside the Flax model on the same images.
 
 Needs PyTorch (CI installs it: .ci/run). Without it these tests are skipped, unless PAGKD_REQUIRE_TORCH=1 makes
 that an error, so a CI that lost PyTorch cannot pass silently.
 """
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -23,95 +24,12 @@ from pagkd_jax.models import weight_files
 if os.environ.get("PAGKD_REQUIRE_TORCH") == "1":
   import torch  # noqa: F401  (an ImportError here fails the run)
 torch = pytest.importorskip("torch")
-from torch import nn as tnn  # noqa: E402
 from safetensors.torch import save_file as save_safetensors  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+from torch_resnet import TorchBasicBlock, random_torch_resnet  # noqa: E402
+
 pytestmark = pytest.mark.slow
-
-
-class TorchBasicBlock(tnn.Module):
-  expansion = 1
-
-  def __init__(self, inplanes, width, stride):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(inplanes, width, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(width)
-    self.conv2 = tnn.Conv2d(width, width, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(width)
-    self.downsample = None
-    if stride != 1 or inplanes != width:
-      self.downsample = tnn.Sequential(tnn.Conv2d(inplanes, width, 1, stride, bias=False), tnn.BatchNorm2d(width))
-
-  def forward(self, x):
-    y = torch.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
-    return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class TorchBottleneck(tnn.Module):
-  expansion = 4
-
-  def __init__(self, inplanes, width, stride):
-    super().__init__()
-    out = width * 4
-    self.conv1 = tnn.Conv2d(inplanes, width, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(width)
-    self.conv2 = tnn.Conv2d(width, width, 3, stride, 1, bias=False)  # v1.5: the stride on the 3x3.
-    self.bn2 = tnn.BatchNorm2d(width)
-    self.conv3 = tnn.Conv2d(width, out, 1, bias=False)
-    self.bn3 = tnn.BatchNorm2d(out)
-    self.downsample = None
-    if stride != 1 or inplanes != out:
-      self.downsample = tnn.Sequential(tnn.Conv2d(inplanes, out, 1, stride, bias=False), tnn.BatchNorm2d(out))
-
-  def forward(self, x):
-    y = torch.relu(self.bn1(self.conv1(x)))
-    y = torch.relu(self.bn2(self.conv2(y)))
-    y = self.bn3(self.conv3(y))
-    return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class TorchResNet(tnn.Module):
-  """torchvision's ResNet structure and parameter names; forward returns (logits, layer4 map NCHW)."""
-
-  def __init__(self, block, layers, num_classes=1000):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
-    self.bn1 = tnn.BatchNorm2d(64)
-    self.maxpool = tnn.MaxPool2d(3, 2, 1)
-    inplanes = 64
-    for i, n in enumerate(layers):
-      blocks = []
-      for b in range(n):
-        blocks.append(block(inplanes, 64 * 2**i, 2 if i > 0 and b == 0 else 1))
-        inplanes = 64 * 2**i * block.expansion
-      setattr(self, f"layer{i + 1}", tnn.Sequential(*blocks))
-    self.fc = tnn.Linear(inplanes, num_classes)
-
-  def forward(self, x):
-    x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    return self.fc(x.mean(dim=(2, 3))), x
-
-
-TORCH_ARCHS = {"resnet18": (TorchBasicBlock, (2, 2, 2, 2)), "resnet50": (TorchBottleneck, (3, 4, 6, 3))}
-
-
-def random_torch_resnet(name: str, seed: int) -> TorchResNet:
-  """Random weights and random BatchNorm statistics (so a swapped mean/var or scale/bias would show)."""
-  torch.manual_seed(seed)
-  block, layers = TORCH_ARCHS[name]
-  model = TorchResNet(block, layers)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, tnn.BatchNorm2d):
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.uniform_(-0.3, 0.3)
-        module.running_mean.normal_(0.0, 0.2)
-        module.running_var.uniform_(0.5, 2.0)
-        module.num_batches_tracked.fill_(7)
-    model.fc.bias.normal_(0.0, 0.5)
-  return model.eval()
 
 
 def assert_close(actual, expected, rel=1e-4):

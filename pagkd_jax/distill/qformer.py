@@ -85,8 +85,8 @@ class MultiHeadAttention(nn.Module):
   """Multi-head dot-product attention with q/k/v/output projections (with bias).
 
   `(..., L_q, d) x (..., L_k, d) -> (..., L_q, d)`. Logits are scaled by 1/sqrt(d / num_heads);
-  the softmax is computed in float32 whatever the compute dtype. Projection kernels use
-  Xavier-uniform initialisation (each d x d kernel on its own) and zero biases; with `torch_init`, the
+  the softmax is computed in float32 whatever the compute dtype (`jax.nn.dot_product_attention`). Projection
+  kernels use Xavier-uniform initialisation (each d x d kernel on its own) and zero biases; with `torch_init`, the
   initialisation of torch's `nn.MultiheadAttention` instead: q/k/v kernels Xavier-uniform over torch's stacked
   (3d, d) input projection, i.e. U(-b, b) with b = sqrt(6 / (d + 3d)), the output kernel torch's default Linear
   init U(-1/sqrt(d), 1/sqrt(d)), all biases zero.
@@ -127,11 +127,12 @@ class MultiHeadAttention(nn.Module):
     q = split_heads(dense("query")(queries))  # (..., L_q, H, dh)
     k = split_heads(dense("key")(inputs))  # (..., L_k, H, dh)
     v = split_heads(dense("value")(inputs))  # (..., L_k, H, dh)
-    q = q / jnp.sqrt(jnp.asarray(head_dim, q.dtype))
-    logits = jnp.einsum("...qhc,...khc->...hqk", q, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    attended = jnp.einsum("...hqk,...khc->...qhc", weights, v)
-    attended = attended.reshape(*attended.shape[:-2], d)
+    # The library attention: softmax(q k^T / sqrt(dh)) v per head, logits and softmax in float32; it takes one
+    # batch axis, so the leading axes are flattened.
+    batch = q.shape[:-3]
+    attended = jax.nn.dot_product_attention(q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]),
+                                            v.reshape(-1, *v.shape[-3:]), scale=head_dim ** -0.5)
+    attended = attended.reshape(*batch, q.shape[-3], d)
     return dense("out")(attended)
 
 

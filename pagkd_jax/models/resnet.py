@@ -12,14 +12,20 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from pagkd_jax.models import conv as conv_lib
+
 # He-normal (fan_out) for convolutions, as torchvision initialises ResNets.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype) -> nn.Conv:
-  """Bias-free k x k convolution with torchvision's padding (k // 2)."""
+def _conv(features: int, kernel: int, stride: int, name: str, dtype, conv_impl: str = "xla") -> nn.Conv:
+  """Bias-free k x k convolution with torchvision's padding (k // 2). conv_impl (conv.CONV_IMPLS, resolved):
+  "dot_wgrad" computes the kernel gradient as matrix products (conv.py), "dot_wgrad_1x1" only for 1x1 kernels,
+  "xla" uses lax.conv_general_dilated throughout. Same parameters and values either way."""
+  dot_wgrad = conv_impl == "dot_wgrad" or (conv_impl == "dot_wgrad_1x1" and kernel == 1)
+  conv_fn = conv_lib.conv_dot_wgrad if dot_wgrad else None
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(kernel // 2, kernel // 2)] * 2,
-                 use_bias=False, kernel_init=_conv_init, dtype=dtype, name=name)
+                 use_bias=False, kernel_init=_conv_init, dtype=dtype, name=name, conv_general_dilated=conv_fn)
 
 
 def _batch_norm(name: str, train: bool, dtype, zero: bool = False) -> nn.BatchNorm:
@@ -35,11 +41,12 @@ class BasicBlock(nn.Module):
   width: int
   stride: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(_conv, dtype=self.dtype)
+    conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
     norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
     y = nn.relu(norm("bn1")(conv(self.width, 3, self.stride, "conv1")(x)))
     y = norm("bn2", zero=True)(conv(self.width, 3, 1, "conv2")(y))
@@ -54,11 +61,12 @@ class Bottleneck(nn.Module):
   width: int
   stride: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(_conv, dtype=self.dtype)
+    conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
     norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
     out = self.width * self.expansion
     y = nn.relu(norm("bn1")(conv(self.width, 1, 1, "conv1")(x)))
@@ -80,6 +88,8 @@ class ResNet(nn.Module):
     stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool, total stride 32) or "small" (3x3/1 conv, no pool,
       total stride 8: the tiny test preset).
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
+    conv_impl: "xla", "dot_wgrad" or "dot_wgrad_1x1" (kernel gradients as matrix products, conv.py); "auto" is
+      resolved by `create_resnet`.
   """
 
   stage_sizes: Sequence[int]
@@ -88,6 +98,7 @@ class ResNet(nn.Module):
   base_width: int = 64
   stem: str = "imagenet"
   dtype: Any = jnp.float32
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -96,17 +107,18 @@ class ResNet(nn.Module):
     h = H / 32 (H / 8 for the small stem); F = 8 * base_width * expansion (2048 for ResNet-50).
     """
     x = images.astype(self.dtype)
+    conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
     if self.stem == "imagenet":
-      x = nn.relu(_batch_norm("bn1", train, self.dtype)(_conv(self.base_width, 7, 2, "conv1", self.dtype)(x)))
+      x = nn.relu(_batch_norm("bn1", train, self.dtype)(conv(self.base_width, 7, 2, "conv1")(x)))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
     elif self.stem == "small":
-      x = nn.relu(_batch_norm("bn1", train, self.dtype)(_conv(self.base_width, 3, 1, "conv1", self.dtype)(x)))
+      x = nn.relu(_batch_norm("bn1", train, self.dtype)(conv(self.base_width, 3, 1, "conv1")(x)))
     else:
       raise ValueError(f"Unknown ResNet stem {self.stem!r}; expected 'imagenet' or 'small'.")
     for stage, num_blocks in enumerate(self.stage_sizes):
       for b in range(num_blocks):
         stride = 2 if stage > 0 and b == 0 else 1
-        x = self.block(self.base_width * 2**stage, stride, dtype=self.dtype,
+        x = self.block(self.base_width * 2**stage, stride, dtype=self.dtype, conv_impl=self.conv_impl,
                        name=f"layer{stage + 1}_{b}")(x, train)
     features = x
     pooled = jnp.mean(features.astype(jnp.float32), axis=(1, 2))
@@ -134,15 +146,16 @@ PRESETS = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def create_resnet(name: str, num_classes: int, dtype: str = "float32") -> ResNet:
-  """Builds a preset by name ("resnet18", "resnet34", "resnet50", "resnet101", "tiny")."""
+def create_resnet(name: str, num_classes: int, dtype: str = "float32", conv_impl: str = "auto") -> ResNet:
+  """Builds a preset by name ("resnet18", "resnet34", "resnet50", "resnet101", "tiny"); conv_impl "auto" is
+  "dot_wgrad_1x1" on CPU and "xla" elsewhere (conv.resolve_conv_impl)."""
   if name not in PRESETS:
     raise ValueError(f"Unknown model {name!r}; known presets: {sorted(PRESETS)}.")
   if dtype not in DTYPES:
     raise ValueError(f"Unknown model dtype {dtype!r}; expected one of {sorted(DTYPES)}.")
   p = PRESETS[name]
   return ResNet(stage_sizes=p.stage_sizes, block=p.block, num_classes=num_classes, base_width=p.base_width,
-                stem=p.stem, dtype=DTYPES[dtype])
+                stem=p.stem, dtype=DTYPES[dtype], conv_impl=conv_lib.resolve_conv_impl(conv_impl))
 
 
 def feature_stride(name: str) -> int:

@@ -35,7 +35,8 @@ from pagkd_jax.training import preemption
 RESUMABLE_CHANGES = ("train.num_steps", "train.epochs", "train.log_every_steps", "train.eval_every_steps",
                      "train.checkpoint_every_steps", "train.keep_latest", "train.on_nonfinite", "data.num_workers",
                      "data.worker_buffer_size", "data.eval_batch_size", "data.skip_bad_files", "data.manifest",
-                     "data.root", "data.tfds_dir", "data.synthetic.out", "teacher.workdir", "model.init_from", "eval.")
+                     "data.root", "data.tfds_dir", "data.synthetic.out", "teacher.workdir", "model.init_from",
+                     "model.conv_impl", "eval.")
 
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
