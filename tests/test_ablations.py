@@ -257,7 +257,8 @@ def test_runner_trains_teacher_once_reuses_it_and_skips_finished_runs(tmp_path):
   assert diag["grad_pro_layer4"] > 0 and diag["token_norm_wli"] > 0 and diag["token_norm_nbi"] > 0
   assert "grad_den_layer4" not in diag or diag["grad_den_layer4"] == 0
   assert set(report["region_agreement"]) == {"model", "teacher"}
-  assert report["region_agreement"]["teacher"]["n_images"] > 0 and report["region_agreement"]["model"]["n_images"] == report["n_images"]
+  assert report["region_agreement"]["teacher"]["n_images"] > 0
+  assert report["region_agreement"]["model"]["n_images"] == report["n_images"]
   assert diag["region/model_lesion_iou"] == report["region_agreement"]["model"]["lesion_iou"]
 
   result = json.loads((root / "ablations.json").read_text())

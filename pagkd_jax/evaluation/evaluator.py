@@ -1,5 +1,6 @@
 """Test-split evaluation of trained workdirs: metrics with lesion-bootstrap intervals, ROC, confusion matrix
-and CAM overlays (on synthetic data also the region labels' agreement with the true lesions). Several workdirs (the folds of a cross-validation) are also pooled into one report."""
+and CAM overlays (on synthetic data also the region labels' agreement with the true lesions). Several workdirs
+(the folds of a cross-validation) are also pooled into one report."""
 
 import csv
 import json
