@@ -85,7 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.checkpoint_every_steps = 200
   train.keep_latest = 1
   # Stage 2: log the norms of the gradients that CE, L_pro and L_den send into the student's layer4 map
-  # (train/diag/grad_*_layer4); costs two extra backward passes through the distillation heads per step.
+  # (train/diag/grad_*_layer4); two extra backward passes through the distillation heads per step (tiny model on
+  # CPU: +9 % step time, +60 % compile time). Logging only: the update is the same either way.
   train.log_grad_norms = True
   train.on_nonfinite = "stop"  # A NaN/inf loss term: "stop" (error naming step and term) or "skip" the update.
 

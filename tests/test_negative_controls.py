@@ -225,3 +225,18 @@ def test_gradient_norm_diagnostics_leave_the_update_unchanged():
   assert "diag/grad_pro_layer4" not in metrics_off and float(metrics_on["diag/grad_pro_layer4"]) > 0
   for a, b in zip(jax.tree.leaves(state_off.params), jax.tree.leaves(state_on.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_norm_logging_may_change_on_resume(tmp_path):
+  """A run saved before the switch existed (or with the other value) resumes: it changes logging only."""
+  from pagkd_jax import base_config as base
+  from pagkd_jax.training import trainer
+  old = base.get_config()
+  del old.train["log_grad_norms"]
+  (tmp_path / "config.json").write_text(old.to_json_best_effort())
+  config = base.get_config()
+  config.train.log_grad_norms = False
+  trainer.check_resume_config(config, str(tmp_path))
+  config.distill.teacher_class_shift = 1  # A control changes the experiment: refused by name.
+  with pytest.raises(ValueError, match="distill.teacher_class_shift"):
+    trainer.check_resume_config(config, str(tmp_path))

@@ -147,8 +147,9 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
       terms = head_terms(params["heads"], s_features)
       if log_grad_norms:
         frozen_heads = jax.lax.stop_gradient(params["heads"])
+        weights = {"loss_pro": ("pro", lambda_pro), "loss_den": ("den", lambda_den)}
         terms.update(layer4_gradient_norms(lambda f: head_terms(frozen_heads, f), s_features,
-                                           {"loss_pro": ("pro", lambda_pro), "loss_den": ("den", lambda_den)}))
+                                           {k: v for k, v in weights.items() if v[1]}))  # Only terms that are on.
       return terms
 
     (logits, s_features), new_vars = model.apply(
