@@ -53,6 +53,21 @@ def test_shuffled_labels_permute_only_training_labels_within_each_modality():
   assert splits_lib.shuffle_train_labels(records, splits, seed=4) != shuffled
 
 
+def test_shuffled_labels_reach_the_loaded_split(tmp_path):
+  """experiment.load_split_data with data.shuffle_train_labels: the same split, training labels permuted."""
+  from pagkd_jax import experiment
+  from training_configs import tiny_synthetic_config
+  config = tiny_synthetic_config(tmp_path / "data")
+  plain = experiment.load_split_data(config)
+  config.data.shuffle_train_labels = True
+  shuffled = experiment.load_split_data(config)
+  assert plain.splits == shuffled.splits
+  expected = splits_lib.shuffle_train_labels(plain.records, plain.splits, config.seed)
+  assert list(shuffled.records) == expected and list(shuffled.records) != list(plain.records)
+  for split in ("val", "test"):
+    assert shuffled.select(split) == plain.select(split)
+
+
 def dataclasses_without_label(record):
   return (record.path, record.modality, record.lesion_id, record.patient_id, record.pair_id)
 
