@@ -3,11 +3,16 @@ confusion.png, cams/).
 
   python eval.py --workdir=runs/synthetic
   python eval.py --workdir=runs/p0 --workdir=runs/p1 ... --out=runs/piccolo_pooled   # pooled over folds
+
+Each workdir's config.json is checked first (pagkd_jax/config_check.py); a mistaken value exits with status 2.
 """
+
+import os
 
 from absl import app
 from absl import flags
 
+from pagkd_jax import config_check
 from pagkd_jax import runtime
 from pagkd_jax.evaluation import evaluator
 
@@ -22,6 +27,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.initialize()
+  problems = []
+  for workdir in _WORKDIR.value:
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):  # A missing one is reported by the evaluation.
+      problems += [f"{path}: {p}" for p in config_check.find_problems(evaluator.load_config(workdir),
+                                                                        check_paths=False)]
+  config_check.exit_on_problems(problems)
   evaluator.evaluate(_WORKDIR.value, _OUT.value, _WHICH.value)
 
 

@@ -70,7 +70,8 @@ def random_batch(config, modalities, mesh, seed: int = 0) -> dict:
 
 
 def _update_step(name, program, config, model, mesh, steps_per_epoch: int = 100) -> Step:
-  tx = optimizer_lib.make_optimizer(config.optim, 10 * steps_per_epoch, steps_per_epoch)
+  tx = optimizer_lib.make_optimizer(config.optim, 10 * steps_per_epoch, steps_per_epoch,
+                                    gated_params=getattr(program, "gated_params", ()))
   replicated = mesh_lib.replicated(mesh)
   state = jax.jit(lambda rng: program.init_state(model, tx, rng, config), out_shardings=replicated)(
       jax.random.key(config.seed))

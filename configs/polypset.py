@@ -11,6 +11,9 @@ weights/resnet50: ImageNet weights imported with `python -m pagkd_jax.tools.impo
 from pagkd_jax import base_config
 
 
+ARGS = ("release",)  # The accepted `:ARG` values besides none.
+
+
 def get_config(arg: str | None = None):
   config = base_config.get_config()
   config.stage = "pagkd"  # Trains the NBI teacher first (in WORKDIR/teacher) unless teacher.workdir is set.

@@ -13,6 +13,9 @@ from pagkd_jax import base_config
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+ARGS = ("smoke",)  # The accepted `:ARG` values besides none.
+
+
 def get_config(arg: str | None = None):
   config = base_config.get_config()
   config.stage = "pagkd"  # Trains the NBI teacher first (in WORKDIR/teacher) unless teacher.workdir is set.

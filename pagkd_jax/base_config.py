@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.fold = 0  # Test fold.
   data.val_fraction = 0.2  # Of the training patients/lesions, carved out for validation.
   data.split_seed = 0
+  # "folds": the K-fold split above; "manifest": the manifest's split column (train/val/test on every row), e.g. a
+  # synthetic data set that fixes its split (synthetic.eval_lesions_per_class > 0).
+  data.splits = "folds"
   # Training checks every image first (python -m pagkd_jax.data.validate runs the same check) and refuses to start
   # on any error. True: missing, unreadable, undecodable or too small files are left out instead (the other images
   # keep their split) and listed in WORKDIR/skipped_files.csv; manifest and data-set errors still stop training.
@@ -57,13 +60,22 @@ def get_config() -> ml_collections.ConfigDict:
   syn.images_per_lesion = 3
   syn.paired_fraction = 0.0
   syn.seed = 0
+  syn.wli_contrast = 0.5  # Visibility of the class pattern in WLI (synthetic.WLI_CONTRAST).
+  # The regime (docs/RESULTS.md, "Transfer regime"; configs/transfer.py). Defaults: today's data set.
+  syn.task = "lesion"  # "lesion" or "generic" (synthetic.GENERIC_CLASSES on both palettes, listed as WLI).
+  syn.wli_lesions_per_class = -1  # WLI lesions per class (training lesions with a fixed split); -1: lesions_per_class.
+  syn.nbi_lesions_per_class = -1  # NBI lesions per class, unpaired with the WLI ones; -1: lesions_per_class.
+  syn.eval_lesions_per_class = 0  # > 0: fixed split, this many val and test lesions per class and modality.
+  syn.shortcut_agreement = 0.0  # WLI training colour cast agreeing with the class this often; 0: no cast.
+  syn.subtypes_per_class = 1  # Pattern variants of each class, mixed within every class.
 
   # ---- model -----------------------------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
   model.name = "resnet50"  # "resnet50", "resnet18" or "tiny".
   model.dtype = "float32"  # Compute dtype; "bfloat16" keeps params and BN statistics in float32.
-  # Pretrained backbone: a folder written by `python -m pagkd_jax.tools.import_weights`, or a torchvision .pth /
-  # timm .safetensors ResNet file (converted on the fly). "" starts from random weights.
+  # Pretrained backbone: a folder written by `python -m pagkd_jax.tools.import_weights`, a torchvision .pth /
+  # timm .safetensors ResNet file (converted on the fly), or a trained run's workdir (its best checkpoint: pretrain on
+  # one endoscopy data set, fine-tune on another). The head is always new. "" starts from random weights.
   model.init_from = ""
 
   # ---- optimisation ---------------------------------------------------------------------------
@@ -82,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.num_steps = -1  # > 0 overrides epochs.
   train.log_every_steps = 10
   train.eval_every_steps = 200  # Validation (and best-checkpoint selection) cadence.
+  # Stage "pagkd": only validations after the distillation warm-up may choose the best checkpoint (earlier ones are
+  # still run and logged; the last step always may), so the run ships a distilled model; the control with both
+  # losses off chooses among the same steps.
+  train.select_after_warmup = True
   train.checkpoint_every_steps = 200
   train.keep_latest = 1
   # Stage 2: log the norms of the gradients that CE, L_pro and L_den send into the student's layer4 map

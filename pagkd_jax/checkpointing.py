@@ -69,6 +69,20 @@ def read_latest_state(workdir: str, step: int | None = None) -> tuple[int, Any]:
   return step, restore_numpy(os.path.join(os.path.abspath(workdir), "checkpoints", "latest", str(step), "state"))
 
 
+def best_checkpoint_step(workdir: str) -> int | None:
+  """The step of WORKDIR's best checkpoint (None when there is none); creates nothing."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", "best")
+  if not os.path.isdir(path):
+    return None
+  with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
+    return mgr.latest_step()
+
+
+def read_best_variables(workdir: str, step: int) -> Any:
+  """The {"params", "batch_stats"} of WORKDIR's best checkpoint of `step`, as a numpy tree."""
+  return restore_numpy(os.path.join(os.path.abspath(workdir), "checkpoints", "best", str(step), "variables"))
+
+
 def abstract_like(tree, sharding) -> Any:
   """ShapeDtypeStruct targets with `sharding`, to restore onto this run's device layout."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

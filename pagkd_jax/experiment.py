@@ -13,13 +13,16 @@ from pagkd_jax.data.records import ImageRecord
 from pagkd_jax.models import resnet
 
 
+STAGES = ("teacher", "baseline", "pagkd")  # The values of config.stage.
+
+
 def stage_modality(stage: str) -> str:
   """The modality a stage trains and is evaluated on: NBI for the teacher, WLI otherwise."""
   if stage == "teacher":
     return "nbi"
-  if stage in ("baseline", "pagkd"):
+  if stage in STAGES:
     return "wli"
-  raise ValueError(f"Unknown config.stage {stage!r}; expected 'teacher', 'baseline' or 'pagkd'.")
+  raise ValueError(f"Unknown config.stage {stage!r}; expected one of {STAGES}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +71,7 @@ def load_split_data(config, workdir: str | None = None, *, skipped_files_of: str
       records = manifest_lib.read_manifest(manifest_path, classes)
     else:
       records = manifest_lib.load_records(data)
-    splits = splits_lib.assign_splits(records, num_folds=data.num_folds, fold=data.fold,
-                                      val_fraction=data.val_fraction, seed=data.split_seed)
+    splits = splits_lib.split_records(records, data)
     if skipped_files_of is not None:
       skipped = validate.read_skipped_files(os.path.join(skipped_files_of, validate.SKIPPED_FILES_NAME))
       kept = [(r, s) for r, s in zip(records, splits) if (r.path, r.record_index) not in skipped]
@@ -111,6 +113,19 @@ def _checked_records(config, workdir: str, manifest_path: str | None) -> tuple[l
     records, splits = validate.drop_bad_files(records, splits, report)
   logging.info("data check: %s", report.summary())
   return records, splits
+
+
+def distillation_warmup_steps(config, steps_per_epoch: int) -> int:
+  """Updates of cross-entropy only before stage 2 adds L_pro and L_den (distill.warmup_epochs)."""
+  return int(round(config.distill.warmup_epochs * steps_per_epoch))
+
+
+def distillation_on(config, step: int, steps_per_epoch: int) -> bool:
+  """Whether the model after `step` updates (a checkpoint of step `step`) was trained with distillation: a stage-2
+  run with L_pro or L_den on, past its warm-up (update number s, counted from 1, distils when s - 1 >= warm-up)."""
+  d = config.distill
+  return (config.stage == "pagkd" and bool(d.use_pro or d.use_den)
+          and step > distillation_warmup_steps(config, steps_per_epoch))
 
 
 def build_model(config) -> resnet.ResNet:

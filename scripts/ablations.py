@@ -131,15 +131,17 @@ def resolve_arms(names: list[str]) -> list[Arm]:
 
 
 def arm_presets(arms: list[Arm], config_spec: str, arm_config: list[str]) -> dict[str, str]:
-  """{arm name: preset spec}: --arm_config, else --config's file with the arm's preset argument, else --config."""
+  """{arm name: preset spec}: --arm_config, else --config's file with the arm's preset argument put before
+  --config's own (configs/transfer.py:smoke -> configs/transfer.py:oracle,smoke), else --config."""
   named = {}
   for entry in arm_config:
     arm, sep, preset = entry.partition("=")
     if not sep or arm not in ARMS or not preset:
       raise ValueError(f"--arm_config={entry!r}: expected ARM=PRESET with ARM one of {list(ARMS)}.")
     named[arm] = preset
-  path = config_spec.partition(":")[0]
-  return {a.name: named.get(a.name) or (f"{path}:{a.preset_arg}" if a.preset_arg else config_spec) for a in arms}
+  path, _, arg = config_spec.partition(":")
+  with_arg = lambda a: f"{path}:{a.preset_arg}{',' + arg if arg else ''}"
+  return {a.name: named.get(a.name) or (with_arg(a) if a.preset_arg else config_spec) for a in arms}
 
 
 def load_preset(spec: str):

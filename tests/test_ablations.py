@@ -141,7 +141,10 @@ def test_arm_sets_teachers_presets_and_pretraining(tmp_path):
   arms = ablations.resolve_arms(["baseline", "oracle"])
   presets = ablations.arm_presets(arms, "configs/transfer.py", [])
   assert presets == {"baseline": "configs/transfer.py", "oracle": "configs/transfer.py:oracle"}
-  presets = ablations.arm_presets(arms, "configs/transfer.py:x", ["baseline=configs/synthetic.py:smoke"])
+  presets = ablations.arm_presets(arms, "configs/transfer.py:smoke", [])
+  assert presets == {"baseline": "configs/transfer.py:smoke", "oracle": "configs/transfer.py:oracle,smoke"}
+  assert ablations.load_preset(presets["oracle"]).stage == "baseline"  # The preset accepts the combination.
+  presets = ablations.arm_presets(arms, "configs/transfer.py", ["baseline=configs/synthetic.py:smoke"])
   assert presets == {"baseline": "configs/synthetic.py:smoke", "oracle": "configs/transfer.py:oracle"}
   for bad in ("baseline", "nope=configs/x.py", "baseline="):
     with pytest.raises(ValueError, match="--arm_config"):

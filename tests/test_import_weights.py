@@ -174,7 +174,7 @@ def test_init_from_refuses_another_architecture(tmp_path):
   save_file(random_state(RESNET18), str(tmp_path / "r18.safetensors"))
   with pytest.raises(ValueError, match="holds resnet18 weights but config.model.name is 'resnet50'"):
     pretrained.load(str(tmp_path / "r18.safetensors"), "resnet50")
-  with pytest.raises(FileNotFoundError, match="not an imported-weights folder"):
+  with pytest.raises(FileNotFoundError, match="neither an imported-weights folder .* nor a training workdir"):
     pretrained.load(str(tmp_path), "tiny")
 
 

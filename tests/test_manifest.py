@@ -183,6 +183,8 @@ def test_write_records_csv_round_trips_through_read_manifest(tmp_path):
   assert lines[0] == "path,modality,label,lesion_id,split,patient_id,pair_id"
   assert lines[1] == f"{records[0].path},wli,adenocarcinoma,L1,train,P1,"
   again = manifest.read_manifest(out, CLASSES)
-  assert again == [r.__class__(**{**r.__dict__, "row": i + 1}) for i, r in enumerate(records)]
+  # The split column comes back as `ImageRecord.split` (used only with config.data.splits = "manifest").
+  assert again == [r.__class__(**{**r.__dict__, "row": i + 1, "split": s})
+                   for i, (r, s) in enumerate(zip(records, ["train", "test"]))]
   with pytest.raises(ValueError, match="2 records but 1"):
     manifest.write_records_csv(records, ["train"], out, CLASSES)

@@ -1,5 +1,6 @@
 """Stage-2 update: gradients reach what they should (and never the teacher), warm-up, ablations, 1 vs 8 devices."""
 
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from pagkd_jax import base_config
-from pagkd_jax.distill import pagkd
+from pagkd_jax.distill import pagkd, srca
 from pagkd_jax.models import resnet
 from pagkd_jax.training import optimizer, pagkd_step
 
@@ -78,6 +79,85 @@ def test_warmup_is_cross_entropy_only():
   assert float(terms["distill_on"]) == 1 and float(terms["loss_pro"]) > 0 and float(terms["loss_den"]) > 0
   np.testing.assert_allclose(float(loss), float(terms["loss_cls"] + terms["loss_pro"] + terms["loss_den"]),
                              rtol=1e-5)
+
+
+def _heads_adam_state(opt_state):
+  """The heads' L2 + Adam state inside the optimiser's gate (moments and step count)."""
+  return jax.tree.leaves(opt_state[0].inner_states["gated"].inner_state.inner_state)
+
+
+def _equal_trees(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("use_losses", [True, False], ids=["pagkd", "no_distillation"])
+def test_heads_and_their_adam_state_stay_untouched_until_distillation(use_losses):
+  """As torch's Adam with parameters that get no gradient: the warm-up neither decays nor advances the heads."""
+  config, model, _, state, teacher, batch = _setup(warmup_epochs=1.0, use_pro=use_losses, use_den=use_losses)
+  tx = optimizer.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5,
+                                gated_params=pagkd_step.PaGKDProgram.gated_params)
+  state = state.replace(opt_state=tx.init(state.params))
+  update = jax.jit(pagkd_step.make_pagkd_update(model, pagkd_step.make_heads(config, C), tx, config, 5))
+  warm = state
+  for _ in range(2):  # Steps 0 and 1 of the 5 warm-up steps.
+    warm, _ = update(warm, batch, teacher)
+  assert _equal_trees(warm.params["heads"], state.params["heads"])
+  assert _equal_trees(_heads_adam_state(warm.opt_state), _heads_adam_state(state.opt_state))
+  assert not _equal_trees(warm.params["student"], state.params["student"])
+  on, _ = update(warm.replace(step=jnp.int32(5)), batch, teacher)  # First step with distillation.
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(on.params["heads"]),
+                                                    jax.tree.leaves(warm.params["heads"]))]
+  if use_losses:
+    assert all(moved)
+    assert int(on.opt_state[0].inner_states["gated"].inner_state.inner_state[-1].count) == 1
+  else:  # Both losses off: the heads never get a gradient, so they never move.
+    assert not any(moved)
+  # An optimiser without the gate would move the heads during the warm-up (L2 decay through Adam).
+  plain = optimizer.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5)
+  plain_update = jax.jit(pagkd_step.make_pagkd_update(model, pagkd_step.make_heads(config, C), plain, config, 5))
+  moved_plain, _ = plain_update(state.replace(opt_state=plain.init(state.params)), batch, teacher)
+  assert not _equal_trees(moved_plain.params["heads"], state.params["heads"])
+
+
+def test_release_heads_have_the_releases_initialisation():
+  """Student embedding kaiming-normal (fan-out, ReLU gain), teacher side torch's default conv init."""
+  config, *_ = _setup(variant="release", embed_dim=64)
+  feats = jnp.zeros((C, 2, 2, 2, 512))
+  regions = jnp.zeros((C, 2, 2, 2), jnp.int8)
+  init = lambda cfg: pagkd_step.make_heads(cfg, C).init(jax.random.key(0), feats, feats, jnp.arange(C), regions,
+                                                         regions)["params"]
+  heads = init(config)
+  student = np.asarray(heads["student_embed"]["kernel"], np.float64)  # (F, d) = torch's (d, F, 1, 1).T
+  std = math.sqrt(2.0 / 64)  # kaiming_normal_(mode="fan_out", nonlinearity="relu"): fan_out = d * 1 * 1.
+  assert student.std() == pytest.approx(std, rel=0.03) and abs(student.mean()) < 0.01 * std
+  assert np.abs(student).max() > 3.5 * std  # A normal's tail, not a (bounded) uniform.
+  teacher = np.asarray(heads["teacher_embed"]["kernel"], np.float64)
+  bound = 1.0 / math.sqrt(512)  # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  assert np.abs(teacher).max() <= bound and np.abs(teacher).max() > 0.99 * bound
+  assert teacher.std() == pytest.approx(bound / math.sqrt(3), rel=0.03)
+  assert np.asarray(heads["prototypes"]["queries"]).std() == pytest.approx(1.0, rel=0.25)
+  config.distill.variant = "paper"  # The paper variant keeps Flax's default (LeCun normal, fan-in).
+  paper = np.asarray(init(config)["student_embed"]["kernel"], np.float64)
+  assert paper.std() == pytest.approx(1.0 / math.sqrt(512), rel=0.05)
+
+
+def test_release_dense_loss_is_a_sum_over_classes_of_per_class_means_at_both_levels():
+  """Image level: C * K groups of one; a class's term is the mean over its K groups. K identical copies of each
+  class's pair then give the group level's value with K = 1."""
+  config, *_ = _setup(variant="release", use_pro=False)
+  rng = np.random.default_rng(1)
+  f_s, f_t = (jnp.asarray(rng.normal(size=(C, 1, 3, 3, 16)), jnp.float32) for _ in range(2))
+  r_s, r_t = (jnp.asarray(rng.integers(-1, 2, size=(C, 1, 3, 3)), jnp.int8) for _ in range(2))
+  heads = pagkd_step.make_heads(config, C)
+  params = heads.init(jax.random.key(0), f_s, f_t, jnp.arange(C), r_s, r_t)
+  per_class = heads.apply(params, f_s, f_t, jnp.arange(C), r_s, r_t)["loss_den"]
+  copies = lambda x: jnp.repeat(x, K, axis=0)
+  image_level = heads.apply(params, copies(f_s), copies(f_t), jnp.repeat(jnp.arange(C), K), copies(r_s),
+                            copies(r_t))["loss_den"]
+  np.testing.assert_allclose(float(image_level), float(per_class), rtol=1e-6)
+  srca_sum = srca.SRCA(variant="release").apply({}, f_s @ params["params"]["student_embed"]["kernel"],
+                                               f_t @ params["params"]["teacher_embed"]["kernel"], r_s, r_t)[0]
+  np.testing.assert_allclose(float(per_class), float(srca_sum), rtol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["paper", "release"])

@@ -82,7 +82,25 @@ def np_release_loss(q_wli, q_nbi, labels):
       if set_labels[j] != labels[i]:
         denominator += math.exp(sim(sets[i], sets[j]))
     losses.append(-math.log(math.exp(s_pos) / denominator))
-  return sum(losses) / g
+  return sum(losses)  # The release sums over its WLI anchors.
+
+
+def np_release_set_loss_interleaved(q_wli, q_nbi):
+  """The release's own layout for C classes: sets ordered [W_0, N_0, W_1, N_1, ...]; anchor W_c is compared with
+  every other set, the positive is N_c; softmax with "+1" in the denominator; -log summed over the anchors."""
+  q_wli, q_nbi = np.asarray(q_wli, np.float64), np.asarray(q_nbi, np.float64)
+  c, n_q, d = q_wli.shape
+  sets = [x for pair in zip(q_wli, q_nbi) for x in pair]
+  feats = [s / np.sqrt((s ** 2).sum(axis=0, keepdims=True)) for s in sets]  # Norm over the queries.
+  total = 0.0
+  for cls in range(c):
+    anchor = 2 * cls
+    others = [j for j in range(2 * c) if j != anchor]
+    scores = [sum(feats[anchor][t, ch] * feats[j][t, ch] for t in range(n_q) for ch in range(d)) / 20.0
+              for j in others]
+    probs = [math.exp(x) / (1.0 + sum(math.exp(y) for y in scores)) for x in scores]
+    total += math.log(probs[others.index(anchor + 1)])
+  return -total
 
 
 # ---- prototype_similarity ----------------------------------------------------------------------
@@ -217,6 +235,13 @@ def test_release_prototype_loss_matches_numpy(labels):
   assert float(out) == pytest.approx(np_release_loss(q_wli, q_nbi, labels), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_release_prototype_loss_is_the_releases_sum_in_its_layout(num_classes):
+  q_wli, q_nbi = _sets(11, num_classes)
+  out = _release_loss(q_wli, q_nbi, jnp.arange(num_classes))
+  assert float(out) == pytest.approx(np_release_set_loss_interleaved(q_wli, q_nbi), rel=1e-5, abs=1e-6)
+
+
 def test_release_prototype_loss_jit_grad_finite_with_zero_channel():
   q_wli, q_nbi = _sets(9, 3)
   q_wli = q_wli.at[0, :, 2].set(0.0)  # a channel that is zero over all queries
@@ -252,3 +277,14 @@ def test_prototype_classifier_and_its_loss_match_numpy():
   grad = jax.jit(jax.grad(lambda pr: pl.prototype_classification_loss(
       head.apply(params, pr), labels)))(protos)
   assert np.all(np.isfinite(np.asarray(grad))) and np.abs(np.asarray(grad)).max() > 1e-5
+
+
+def test_prototype_classifier_has_torch_linear_init():
+  d, num_classes = 128, 3
+  head = pl.PrototypeClassifier(num_classes)
+  fc = head.init(jax.random.key(4), jnp.zeros((6, 12, d)))["params"]["fc"]
+  bound = 1.0 / math.sqrt(d)  # torch nn.Linear: kaiming_uniform(a=sqrt(5)) kernel and bias, both U(-b, b).
+  kernel, bias = np.asarray(fc["kernel"], np.float64), np.asarray(fc["bias"], np.float64)
+  assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.95 * bound
+  assert kernel.std() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+  assert np.abs(bias).max() <= bound and np.any(bias != 0)

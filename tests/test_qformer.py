@@ -21,22 +21,28 @@ def _tokens(seed: int = 0, shape=(G, K, H, W, D)) -> jax.Array:
 
 def _model(variant: str, **kw) -> qformer.LRQFormer:
   heads = {"paper": 4, "release": 16}[variant]
-  kw = {"num_queries": NUM_QUERIES, "num_layers": 2, "num_heads": heads, "variant": variant, **kw}
+  kw = {"num_queries": NUM_QUERIES, "num_layers": 2, "num_heads": heads, "variant": variant, "num_classes": 3,
+        **kw}
   return qformer.LRQFormer(**kw)
 
 
 # Jitted init/apply with the (hashable) module static: one compilation per module and shape instead
 # of one per primitive, which keeps the cold run short.
-_jit_init = jax.jit(lambda model, key, tokens: model.init(key, tokens), static_argnums=0)
-_jit_apply = jax.jit(lambda model, params, tokens: model.apply(params, tokens), static_argnums=0)
+_jit_init = jax.jit(lambda model, key, tokens, labels: model.init(key, tokens, labels), static_argnums=0)
+_jit_apply = jax.jit(lambda model, params, tokens, labels: model.apply(params, tokens, labels), static_argnums=0)
+
+
+def _labels(tokens) -> jax.Array:
+  """Group g holds class g % 3 (the three class groups of a batch, in label order)."""
+  return jnp.arange(tokens.shape[0]) % 3
 
 
 def _init(model, tokens, seed: int = 1):
-  return _jit_init(model, jax.random.key(seed), tokens)
+  return _jit_init(model, jax.random.key(seed), tokens, _labels(tokens))
 
 
-def _apply(model, params, tokens):
-  return _jit_apply(model, params, tokens)
+def _apply(model, params, tokens, labels=None):
+  return _jit_apply(model, params, tokens, _labels(tokens) if labels is None else labels)
 
 
 # ---- NumPy references (float64, explicit loops) ------------------------------------------------
@@ -102,12 +108,27 @@ def np_paper_qformer(params, tokens, num_layers, num_heads):
   return np.stack(out)
 
 
-def np_release_qformer(params, tokens, num_heads):
+# The release's identity codes as published in the spec (torch 2.13 CPU, 6 digits): torch.rand after
+# manual_seed(42) and manual_seed(57).
+SPEC_RAND_42 = [0.882269, 0.915004, 0.382864, 0.959306, 0.390448, 0.600895, 0.256572, 0.793641, 0.940771,
+                0.133186, 0.934598, 0.59358]
+SPEC_RAND_57 = [0.361508, 0.656965, 0.002137, 0.412866, 0.231633, 0.423011, 0.56037, 0.825603, 0.884707,
+                0.39372, 0.536308, 0.906158]
+
+
+def np_release_code(rank, k):
+  """Code of image k of the group of the class of rank `rank` (generate_identity of the release)."""
+  if rank == 0:
+    return math.sin((k + 0.1) * 0.1)
+  return (SPEC_RAND_42, SPEC_RAND_57)[rank - 1][k]
+
+
+def np_release_qformer(params, tokens, num_heads, labels):
   tokens = _np(tokens)
   g, k, h, w, d = tokens.shape
   out = []
   for gi in range(g):
-    memory = [tokens[gi, ki, r, c] + float(ki) for ki in range(k) for r in range(h)
+    memory = [tokens[gi, ki, r, c] + np_release_code(int(labels[gi]), ki) for ki in range(k) for r in range(h)
               for c in range(w)]
     out.append(np_attention(params["cross_attention"], _np(params["queries"]), np.stack(memory),
                             num_heads))
@@ -161,8 +182,12 @@ def test_release_variant_matches_numpy_multihead_cross_attention():
         for name in ("query", "key", "value", "out")}
   p["cross_attention"] = ca
   out = _apply(model, {"params": p}, tokens)
-  expected = np_release_qformer(p, tokens, num_heads=16)
+  expected = np_release_qformer(p, tokens, num_heads=16, labels=[0, 1, 2])
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
+  # Groups in another class order get their own class's codes.
+  out_perm = _apply(model, {"params": p}, tokens, jnp.asarray([2, 0, 1]))
+  np.testing.assert_allclose(np.asarray(out_perm), np_release_qformer(p, tokens, 16, [2, 0, 1]), rtol=1e-4,
+                             atol=1e-4)
   # With 8 heads the result differs, so the head count is really used.
   out8 = _apply(_model("release", num_heads=8), {"params": p}, tokens)
   assert not np.allclose(np.asarray(out8), expected, atol=1e-3)
@@ -202,7 +227,7 @@ def test_release_variant_position_code_is_per_image():
                        for g in range(G)]).reshape(G, K, H, W, D)
   out_shuffled = _apply(model, params, jnp.asarray(shuffled))
   np.testing.assert_allclose(np.asarray(out_shuffled), np.asarray(out), rtol=1e-5, atol=1e-5)
-  # ...but swapping the two images of a group changes it (image 1 gets +1, image 0 gets +0).
+  # ...but swapping the two images of a group changes it (each image index has its own code).
   swapped = np.asarray(tokens)[:, ::-1]
   out_swapped = _apply(model, params, jnp.asarray(swapped))
   assert np.abs(np.asarray(out_swapped) - np.asarray(out)).max() > 1e-3
@@ -260,7 +285,7 @@ def test_gradients_reach_queries_and_tokens(variant):
   target = jax.random.normal(jax.random.key(9), (G, NUM_QUERIES, D))
 
   def loss(p, t):
-    return jnp.sum((model.apply(p, t) - target) ** 2)
+    return jnp.sum((model.apply(p, t, _labels(t)) - target) ** 2)
 
   grad_p, grad_t = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, tokens)
   for leaf in jax.tree.leaves(grad_p) + [grad_t]:
@@ -308,3 +333,88 @@ def test_bad_inputs_raise_clear_errors():
     qformer.LRQFormer(variant="decoder").init(jax.random.key(0), _tokens())
   with pytest.raises(ValueError, match=r"\(G, K, h, w, d\)"):
     qformer.AveragePoolPrototypes().init(jax.random.key(0), jnp.zeros((2, 3, 4)))
+
+
+# ---- release identity codes and initialisation ---------------------------------------------------
+
+
+def test_release_identity_codes_are_the_releases():
+  codes = qformer.release_identity_codes(3, 12)
+  assert codes.shape == (3, 12) and codes.dtype == np.float32
+  for rank in range(3):
+    for k in range(12):
+      assert codes[rank, k] == pytest.approx(np_release_code(rank, k), abs=1e-6)
+  np.testing.assert_array_equal(qformer.release_identity_codes(2, 5), codes[:2, :5])  # Prefixes.
+  assert qformer.release_identity_codes(3, 32).shape == (3, 32)
+
+
+def test_release_identity_codes_equal_torch_rand_bitwise():
+  torch = pytest.importorskip("torch")
+  codes = qformer.release_identity_codes(3, 32)
+  rank0 = torch.tensor([math.sin((k + 0.1) * 0.1) for k in range(32)])  # As the release builds it.
+  np.testing.assert_array_equal(codes[0], rank0.numpy())
+  for rank, seed in ((1, 42), (2, 57)):
+    torch.manual_seed(seed)
+    np.testing.assert_array_equal(codes[rank], torch.rand(32).numpy())
+    for n in (1, 8, 13):  # The release draws torch.rand(N_c): a prefix of the stored values.
+      torch.manual_seed(seed)
+      np.testing.assert_array_equal(codes[rank, :n], torch.rand(n).numpy())
+
+
+def test_release_codes_depend_on_the_class_not_on_the_modality():
+  model = _model("release")
+  tokens = _tokens()
+  params = _init(model, tokens)
+  out = np.asarray(_apply(model, params, tokens, jnp.asarray([0, 1, 2])))
+  # The same tokens under another class get that class's codes (so a different output)...
+  relabelled = np.asarray(_apply(model, params, tokens, jnp.asarray([1, 1, 1])))
+  np.testing.assert_array_equal(relabelled[1], out[1])
+  assert np.abs(relabelled[0] - out[0]).max() > 1e-4
+  # ...and WLI and NBI groups of a class (two calls of one module with the same labels) get the same codes:
+  # equal tokens give equal prototypes.
+  wli, nbi = _apply(model, params, tokens), _apply(model, params, tokens)
+  np.testing.assert_array_equal(np.asarray(wli), np.asarray(nbi))
+
+
+def test_release_code_errors_name_the_value():
+  with pytest.raises(ValueError, match="at most 3 classes.*got 4 classes"):
+    qformer.release_identity_codes(4, 8)
+  with pytest.raises(ValueError, match="at most 32 images.*group size 33"):
+    qformer.release_identity_codes(3, 33)
+  tokens = _tokens(0, (4, 33, 1, 1, D))
+  with pytest.raises(ValueError, match="group size 33"):
+    _model("release").init(jax.random.key(0), tokens, jnp.arange(4) % 3)
+  with pytest.raises(ValueError, match="got 4 classes"):
+    _model("release", num_classes=4).init(jax.random.key(0), _tokens(), jnp.arange(G))
+  with pytest.raises(ValueError, match="group labels"):
+    _model("release").init(jax.random.key(0), _tokens())
+
+
+def _uniform_bound_checks(x, bound):
+  """x looks like U(-bound, bound): inside the bound, reaching close to it, with its mean and std."""
+  x = np.asarray(x, np.float64).ravel()
+  assert np.abs(x).max() <= bound
+  assert np.abs(x).max() > 0.95 * bound
+  assert abs(x.mean()) < 5 * bound / math.sqrt(3 * x.size)
+  assert x.std() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+
+def test_release_attention_has_torch_multihead_attention_init():
+  d = 64
+  tokens = _tokens(0, (1, 2, 4, 4, d))
+  release = qformer.LRQFormer(num_queries=12, variant="release", num_classes=3)
+  p = release.init(jax.random.key(3), tokens, jnp.asarray([0]))["params"]
+  assert p["queries"].shape == (12, d)
+  assert np.asarray(p["queries"]).std() == pytest.approx(1.0, rel=0.15)  # torch.randn.
+  ca = p["cross_attention"]
+  # torch: xavier_uniform_ on the stacked (3d, d) in_proj_weight, out_proj = nn.Linear default, biases zero.
+  in_proj = np.concatenate([np.asarray(ca[n]["kernel"]) for n in ("query", "key", "value")], axis=1)
+  _uniform_bound_checks(in_proj, math.sqrt(6.0 / (d + 3 * d)))
+  _uniform_bound_checks(ca["out"]["kernel"], 1.0 / math.sqrt(d))
+  for name in ("query", "key", "value", "out"):
+    np.testing.assert_array_equal(np.asarray(ca[name]["bias"]), 0.0)
+  # The paper variant keeps its own initialisation (Xavier per d x d kernel, queries N(0, 0.02^2)).
+  paper = qformer.LRQFormer(num_queries=12, num_layers=1, num_heads=8).init(jax.random.key(3), tokens)["params"]
+  kernel = np.asarray(paper["block_0"]["cross_attention"]["query"]["kernel"])
+  assert np.abs(kernel).max() > math.sqrt(6.0 / (4 * d))  # Beyond the release's bound: sqrt(6 / 2d).
+  assert np.asarray(paper["queries"]).std() == pytest.approx(0.02, rel=0.15)

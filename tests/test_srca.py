@@ -99,8 +99,8 @@ def ref_release(inputs, masked=True, bidirectional=True):
           recon = (att / att.sum(axis=1, keepdims=True)) @ xk
           cos = np.sum(recon * xq) / math.sqrt((np.sum(recon**2) + 1e-12) * (np.sum(xq**2) + 1e-12))
           total += 1.0 - cos
-    losses[name] = total / (groups * k * k)
-  return sum(losses.values()) / len(losses), losses
+    losses[name] = total / (k * k)  # Mean over a group's pairs, summed over the groups (classes).
+  return sum(losses.values()), losses  # Summed over the directions, as the release.
 
 
 def projections(params):

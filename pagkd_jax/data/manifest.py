@@ -14,7 +14,7 @@ from typing import Any
 
 from absl import logging
 
-from pagkd_jax.data.records import MODALITIES, ImageRecord
+from pagkd_jax.data.records import MODALITIES, SPLITS, ImageRecord
 
 REQUIRED_COLUMNS = ("path", "modality", "label", "lesion_id")
 OPTIONAL_COLUMNS = ("patient_id", "pair_id")
@@ -87,16 +87,17 @@ def read_manifest(
     *,
     check_files: bool = True,
 ) -> list[ImageRecord]:
-  """Reads a CSV manifest with columns `path, modality, label, lesion_id[, patient_id, pair_id]`.
+  """Reads a CSV manifest with columns `path, modality, label, lesion_id[, patient_id, pair_id, split]`.
 
   `path` is relative to the manifest's folder (absolute paths are kept) and is stored absolute;
-  `modality` is `wli`/`nbi` in any case; `label` is a class name of `classes` or an index into it.
-  Other columns are ignored. `ImageRecord.row` is the 1-based data row (the header is row 0).
+  `modality` is `wli`/`nbi` in any case; `label` is a class name of `classes` or an index into it;
+  `split` (optional) is `train`/`val`/`test` or empty. Other columns are ignored. `ImageRecord.row` is the
+  1-based data row (the header is row 0).
 
   Raises:
     FileNotFoundError: the manifest does not exist.
     ManifestError: listing `file:row: path: problem` for every missing column, unknown
-      modality, unknown label, empty path or lesion_id, duplicate path, missing file (when
+      modality, unknown label or split, empty path or lesion_id, duplicate path, missing file (when
       `check_files`), and lesions whose rows disagree on label or patient.
   """
   records, problems = parse_manifest(csv_path, classes, check_files=check_files)
@@ -151,6 +152,9 @@ def parse_manifest(
     lesion_id = _cell(row, "lesion_id")
     if not lesion_id:
       row_problems.append("empty lesion_id")
+    split = _cell(row, "split").lower()
+    if split not in ("",) + SPLITS:
+      row_problems.append(f"unknown split {_cell(row, 'split')!r} (expected one of {SPLITS} or empty)")
     path = os.path.normpath(os.path.join(base, raw_path)) if raw_path else ""
     if path:
       if path in first_row_of_path:
@@ -163,7 +167,7 @@ def parse_manifest(
     if not row_problems:
       records.append(ImageRecord(
           path=path, modality=modality, label=label, lesion_id=lesion_id,
-          patient_id=_cell(row, "patient_id"), pair_id=_cell(row, "pair_id"), row=row_number))
+          patient_id=_cell(row, "patient_id"), pair_id=_cell(row, "pair_id"), row=row_number, split=split))
   if not rows:
     problems.append(f"{csv_path}:0: header: the manifest has no data rows")
   problems.extend(_check_lesion_consistency(records, str(csv_path)))
@@ -270,7 +274,7 @@ def write_records_csv(
   """Writes `path, modality, label, lesion_id, split, patient_id, pair_id`, one row per record.
 
   Labels are written as class names and paths absolute, so the file is itself a valid manifest
-  for `read_manifest` (the `split` column is then ignored).
+  for `read_manifest` (its `split` column is used with `config.data.splits = "manifest"` only).
 
   Raises:
     ValueError: `records` and `splits` differ in length.

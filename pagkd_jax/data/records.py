@@ -3,6 +3,7 @@
 import dataclasses
 
 MODALITIES = ("wli", "nbi")
+SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,8 @@ class ImageRecord:
     record_index: index of the image inside the ArrayRecord shard `path`; -1 for a plain file.
     row: 1-based row of the manifest the record came from (0 when derived from a folder), for
       error messages.
+    split: the manifest's split column ("train"/"val"/"test"), "" when none; used only with
+      `config.data.splits = "manifest"`.
   """
 
   path: str
@@ -29,6 +32,7 @@ class ImageRecord:
   pair_id: str = ""
   record_index: int = -1
   row: int = 0
+  split: str = ""
 
   @property
   def group_key(self) -> str:

@@ -8,6 +8,9 @@ images of a lesion -- a WLI and an NBI image of the same lesion included -- shar
 Groups are stratified on (label, modalities present): the label of a group is the majority label
 of its images (ties to the smaller index), and splitting each label's WLI-only, NBI-only and
 two-modality groups evenly keeps the per-class image mix of both modalities similar in every fold.
+
+With `config.data.splits = "manifest"` the manifest's `split` column is used instead (`split_records`), e.g. for a
+data set with a fixed evaluation set or split sizes other than the folds' 64 : 16 : 20.
 """
 
 import collections
@@ -18,9 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn import model_selection
 
-from pagkd_jax.data.records import MODALITIES, ImageRecord
+from pagkd_jax.data.records import MODALITIES, SPLITS, ImageRecord
 
-SPLITS = ("train", "val", "test")
+SPLIT_MODES = ("folds", "manifest")  # Values of config.data.splits.
 
 
 def _majority(counts: collections.Counter) -> int:
@@ -124,6 +127,45 @@ def assign_splits(
                            f"and {split}")
   return splits
 
+
+
+def manifest_splits(records: Sequence[ImageRecord]) -> list[str]:
+  """The split each record's manifest row names (`ImageRecord.split`).
+
+  Raises:
+    ValueError: no records, records without a split (the first few named), or a lesion/patient group whose
+      records name different splits.
+  """
+  if not records:
+    raise ValueError("no records to split")
+  missing = [r for r in records if r.split not in SPLITS]
+  if missing:
+    raise ValueError(f"data.splits='manifest' needs a split column (one of {SPLITS}) on every row; "
+                     f"{len(missing)} of {len(records)} records have none, e.g. "
+                     + ", ".join(r.path for r in missing[:3]))
+  seen: dict[str, ImageRecord] = {}
+  for record in records:
+    first = seen.setdefault(record.group_key, record)
+    if first.split != record.split:
+      raise ValueError(f"group {record.group_key} spans splits: {first.path} is {first.split!r}, "
+                       f"{record.path} is {record.split!r}")
+  return [r.split for r in records]
+
+
+def split_records(records: Sequence[ImageRecord], data_config) -> list[str]:
+  """One of "train"/"val"/"test" per record as `data_config.splits` asks: "folds" (`assign_splits` with the
+  config's fold settings) or "manifest" (`manifest_splits`).
+
+  Raises:
+    ValueError: an unknown `splits` value, or the errors of the function it selects.
+  """
+  mode = data_config.get("splits", "folds")
+  if mode == "manifest":
+    return manifest_splits(records)
+  if mode != "folds":
+    raise ValueError(f"data.splits must be one of {SPLIT_MODES}, got {mode!r}")
+  return assign_splits(records, num_folds=data_config.num_folds, fold=data_config.fold,
+                       val_fraction=data_config.val_fraction, seed=data_config.split_seed)
 
 
 def shuffle_train_labels(records: Sequence[ImageRecord], splits: Sequence[str], seed: int) -> list[ImageRecord]:

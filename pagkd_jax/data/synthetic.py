@@ -18,6 +18,12 @@ but not impossible. Lesion size, position, colour shade, brightness, folds and h
 independently of the class. A `paired_fraction` of each class's lesions is rendered in both
 modalities (same lesion id, view k of both modalities shares pose and a `pair_id`).
 
+Regime options (`generate`; off by default, which leaves the data set above unchanged byte for byte): modality
+imbalance (`wli_lesions_per_class`, `nbi_lesions_per_class`), a split fixed by the generator with separate
+validation and test lesions (`eval_lesions_per_class`), a WLI-only colour-cast shortcut in training images
+(`shortcut_agreement`), pattern sub-types per class (`subtypes_per_class`), and a generic pretraining task
+(`task="generic"`: GENERIC_CLASSES drawn on the same scenes in both palettes). configs/transfer.py uses them.
+
 Everything is deterministic per seed: each lesion, view and image draws from its own
 `np.random.default_rng([seed, stream, ...])`, so the output does not depend on iteration order.
 
@@ -25,13 +31,16 @@ Output layout (`generate`):
 
   OUT/<modality>/<class>/<lesion_id>__<k>.png
   OUT/lesions.csv        path, center_x, center_y, radius (pixels): where the lesion is, for
-                         localisation checks (e.g. CAM quality); not used for training.
+                         localisation checks (e.g. CAM quality); not used for training. With regime
+                         options also palette, subtype, nuisance (the shortcut value, -1: none).
   OUT/synthetic.json     the generation parameters.
-  OUT/manifest.csv       path, modality, label, lesion_id, patient_id, pair_id (written last,
+  OUT/manifest.csv       path, modality, label, lesion_id, patient_id, pair_id[, split] (written last,
                          atomically: its presence means the folder is complete).
 
 CLI: `python -m pagkd_jax.data.synthetic --out DIR [--image_size 128] [--lesions_per_class 40]
-[--images_per_lesion 3] [--paired_fraction 0.0] [--seed 0] [--classes a,b,c] [--wli_contrast 0.5]`.
+[--images_per_lesion 3] [--paired_fraction 0.0] [--seed 0] [--classes a,b,c] [--wli_contrast 0.5]
+[--task lesion] [--wli_lesions_per_class -1] [--nbi_lesions_per_class -1] [--eval_lesions_per_class 0]
+[--shortcut_agreement 0] [--subtypes_per_class 1]`.
 """
 
 from __future__ import annotations
@@ -76,6 +85,17 @@ WLI_HIGHLIGHTS = (3, 10)  # Number of specular highlights, [low, high).
 NBI_CONTRAST = 0.8
 NBI_NOISE = 0.01
 NBI_HIGHLIGHTS = (1, 6)
+# Sub-types (`subtypes_per_class` > 1): lattice-period factor and pit-size change at the extreme sub-types.
+SUBTYPE_PERIOD = 1.3
+SUBTYPE_PIT = 0.12
+# WLI shortcut (`shortcut_agreement` > 0): strength of the colour cast, a per-channel gain offset of this norm
+# (about +-0.1 per channel against a lesion shade spread of 0.06-0.08), direction 2 pi v / C in the chroma plane.
+SHORTCUT_CAST = 0.15
+
+# The generic task's pattern classes (unrelated to the lesion classes), in label order.
+GENERIC_CLASSES = ("stripes", "checkerboard", "rings", "dots", "crosshatch", "zigzag", "spokes", "spots",
+                   "waves", "bricks")
+TASKS = ("lesion", "generic")
 
 # Pattern anchors at t = 0 (hyperplasia), 0.5 (adenoma), 1 (adenocarcinoma), all in lattice-cell
 # units: stretch = cell length along the rows / period; rx, ry = pit half-axes; jitter = positional
@@ -98,7 +118,8 @@ _ANCHORS = {
 _CELL_TABLE = 32  # Lattice cells per side of a lesion's pit table (wraps around).
 
 _MODALITIES = ("wli", "nbi")
-_STREAM_LESION, _STREAM_VIEW, _STREAM_IMAGE, _STREAM_IDS, _STREAM_PATIENTS = 1, 2, 3, 4, 5
+_STREAM_LESION, _STREAM_VIEW, _STREAM_IMAGE, _STREAM_IDS, _STREAM_PATIENTS, _STREAM_NUISANCE = 1, 2, 3, 4, 5, 6
+_SPLITS = ("train", "val", "test")  # As splits.SPLITS (not imported: the generator stands alone).
 
 # Palettes (RGB in [0, 1]) of the two modalities.
 _PALETTE = {
@@ -143,6 +164,8 @@ class _Lesion:
   shade: np.ndarray  # (2, 3) colour shade of mucosa and lesion (normal draws).
   brightness: float
   height: float  # Raised-lesion shading strength.
+  generic: int = -1  # Generic task: index into GENERIC_CLASSES of the pattern drawn in place of the pits; -1: none.
+  generic_params: np.ndarray | None = None  # (4,) random numbers of the generic pattern (see `_generic_map`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +246,81 @@ def _draw_view(rng: np.random.Generator) -> _View:
       fov=float(rng.uniform(1.05, 1.3)),
       contrast=float(rng.uniform(0.85, 1.15)),
   )
+
+
+
+def _with_subtype(lesion: _Lesion, subtype: int, num_subtypes: int) -> _Lesion:
+  """The lesion's class pattern as sub-type `subtype` of `num_subtypes`: a pattern variant of its class.
+
+  Sub-type position u = 2 s / (S - 1) - 1 in [-1, 1] scales the pit lattice by SUBTYPE_PERIOD^u (coarse or fine
+  pits) and the pit half-axes by 1 - SUBTYPE_PIT u (fine lattices get relatively larger pits), leaving the class's
+  arrangement (stretch, disorder, vessel mesh) as it is. One sub-type (S = 1) is the lesion unchanged.
+  """
+  if num_subtypes == 1:
+    return lesion
+  u = 2.0 * subtype / (num_subtypes - 1) - 1.0
+  params = dict(lesion.params)
+  params["rx"] *= 1.0 - SUBTYPE_PIT * u
+  params["ry"] *= 1.0 - SUBTYPE_PIT * u
+  return dataclasses.replace(lesion, period=lesion.period * SUBTYPE_PERIOD**u, params=params)
+
+
+def _shortcut_cast(value: int, num_values: int) -> np.ndarray:
+  """(3,) colour-cast gain offsets of nuisance value `value` of `num_values`: norm SHORTCUT_CAST, direction
+  2 pi value / num_values in the plane of grey-free colour changes (orthogonal to (1, 1, 1))."""
+  e1 = np.array([2.0, -1.0, -1.0]) / np.sqrt(6.0)
+  e2 = np.array([0.0, 1.0, -1.0]) / np.sqrt(2.0)
+  angle = 2 * np.pi * value / num_values
+  return SHORTCUT_CAST * (np.cos(angle) * e1 + np.sin(angle) * e2)
+
+
+def _draw_generic(rng: np.random.Generator, pattern: int) -> _Lesion:
+  """A scene of the generic task: a lesion-like blob (the lesion task's scene) carrying generic pattern `pattern`."""
+  lesion = _draw_lesion(rng, 0.0)
+  return dataclasses.replace(lesion, generic=pattern, generic_params=rng.uniform(0.0, 1.0, 4))
+
+
+def _lines(x: np.ndarray, width: float = 0.14) -> np.ndarray:
+  """Thin lines at the integers of `x` (periodic Gaussian profile), values in [0, 1]."""
+  return np.exp(-((x - np.round(x)) / width)**2)
+
+
+def _generic_map(lesion: _Lesion, local: _Frame) -> np.ndarray:
+  """Generic pattern `lesion.generic` in [0, 1] over a lesion-local frame (world units), (H, W).
+
+  Period 0.055-0.095 of the image and orientation are random per scene (`generic_params`); the ten patterns are
+  GENERIC_CLASSES in order.
+  """
+  a, b, c, _ = lesion.generic_params
+  period = 0.055 + 0.04 * a
+  lattice = local.map(_rotation(-np.pi * b) / period)
+  px, py = lattice.coords()
+  name = GENERIC_CLASSES[lesion.generic]
+  if name == "stripes":
+    return _lines(px, 0.2)
+  if name == "checkerboard":
+    return ((np.floor(px) + np.floor(py)) % 2).astype(np.float32)
+  if name == "rings":
+    return _lines(np.hypot(px, py))
+  if name == "dots":
+    return np.clip((0.3 - np.hypot(px - np.round(px), py - np.round(py))) / 0.08, 0.0, 1.0)
+  if name == "crosshatch":
+    return np.maximum(_lines(px), _lines(py))
+  if name == "zigzag":
+    triangle = np.abs(2.0 * (py / 2.0 - np.floor(py / 2.0 + 0.5)))
+    return _lines(px + 0.8 * triangle)
+  if name == "spokes":
+    spokes = 8 + int(8 * c)
+    return _lines(spokes * np.arctan2(py, px) / (2 * np.pi), 0.18)
+  if name == "spots":
+    field = _waves(_random_field(np.random.default_rng(int(c * 2**31)), 10, 0.5, 1.0), lattice)
+    return _smoothstep(0.9, 1.4, field)
+  if name == "waves":
+    return _lines(px + 0.7 * np.sin(2 * np.pi * py / 3.0))
+  if name == "bricks":
+    row = np.floor(py)
+    return np.maximum(_lines(py), _lines(px / 2.0 + 0.5 * (row % 2)))
+  raise AssertionError(name)
 
 
 # ---- rendering -----------------------------------------------------------------------------------
@@ -353,8 +451,13 @@ def _vessel_map(lesion: _Lesion, local: _Frame) -> np.ndarray:
 
 
 def _render(lesion: _Lesion, view: _View, modality: str, rng: np.random.Generator,
-            size: int, wli_contrast: float) -> tuple[np.ndarray, tuple[float, float, float]]:
-  """Renders one image, (size, size, 3) uint8, and the lesion (centre x, centre y, radius) in px."""
+            size: int, wli_contrast: float,
+            cast: np.ndarray | None = None) -> tuple[np.ndarray, tuple[float, float, float]]:
+  """Renders one image, (size, size, 3) uint8, and the lesion (centre x, centre y, radius) in px.
+
+  `modality` is the palette and optics ("wli" or "nbi"); `cast` (3,) optional per-channel gain offsets of a colour
+  cast applied to the scene before the camera's noise (`_shortcut_cast`).
+  """
   camera = _Frame.camera(size)
   cx, cy = camera.coords()
   cx, cy = cx - 0.5, cy - 0.5
@@ -400,7 +503,8 @@ def _render(lesion: _Lesion, view: _View, modality: str, rng: np.random.Generato
   if r1 > r0 and c1 > c0:
     inner = _smoothstep(0.95, 0.75, rho[r0:r1, c0:c1])
     crop = local.crop(r0, r1, c0, c1)
-    vessels[r0:r1, c0:c1] = _vessel_map(lesion, crop) * inner * view.contrast
+    pattern = _vessel_map(lesion, crop) if lesion.generic < 0 else _generic_map(lesion, crop)
+    vessels[r0:r1, c0:c1] = pattern * inner * view.contrast
 
   lesion_col = (palette["lesion"] * (1 + 0.08 * lesion.shade[1]) + lesion.brightness)
   lesion_img = np.broadcast_to(lesion_col.astype(np.float32), image.shape)
@@ -417,6 +521,8 @@ def _render(lesion: _Lesion, view: _View, modality: str, rng: np.random.Generato
   shading = 1 + lesion.height * size * lesion.radius * (gx * view.light[0] + gy * view.light[1])
   lesion_img = lesion_img * shading[..., None]
   image = image * (1 - mask[..., None]) + lesion_img * mask[..., None]
+  if cast is not None:
+    image = image * (1 + cast.astype(np.float32))
 
   # Camera: modality noise, lighting, vignetting, highlights, field of view.
   if modality == "wli":
@@ -487,9 +593,52 @@ def _check_args(classes: Sequence[str], image_size: int, lesions_per_class: int,
     raise ValueError(f"paired_fraction must be in [0, 1], got {paired_fraction}")
 
 
+# The regime options of `generate` and their defaults (today's data set). Only options set to another value are
+# written to synthetic.json, so the parameters (and every file) of a default data set never change.
+REGIME_DEFAULTS = {
+    "task": "lesion",
+    "wli_lesions_per_class": -1,
+    "nbi_lesions_per_class": -1,
+    "eval_lesions_per_class": 0,
+    "shortcut_agreement": 0.0,
+    "subtypes_per_class": 1,
+}
+
+
+def _regime(options: Mapping[str, Any]) -> dict[str, Any]:
+  """The regime options, checked and normalised (None counts -> -1, None agreement -> 0)."""
+  unknown = sorted(set(options) - set(REGIME_DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown synthetic option(s) {unknown}; known: {sorted(REGIME_DEFAULTS)}")
+  regime = {**REGIME_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+  if regime["task"] not in TASKS:
+    raise ValueError(f"task must be one of {TASKS}, got {regime['task']!r}")
+  for name in ("wli_lesions_per_class", "nbi_lesions_per_class"):
+    regime[name] = int(regime[name])
+    if regime[name] != -1 and regime[name] < 1:
+      raise ValueError(f"{name} must be >= 1 (or -1: lesions_per_class), got {regime[name]}")
+  regime["eval_lesions_per_class"] = int(regime["eval_lesions_per_class"])
+  if regime["eval_lesions_per_class"] < 0:
+    raise ValueError(f"eval_lesions_per_class must be >= 0, got {regime['eval_lesions_per_class']}")
+  regime["shortcut_agreement"] = float(regime["shortcut_agreement"])
+  if not 0.0 <= regime["shortcut_agreement"] <= 1.0:
+    raise ValueError(f"shortcut_agreement must be in [0, 1] (0: no shortcut), got {regime['shortcut_agreement']}")
+  if regime["shortcut_agreement"] > 0 and regime["eval_lesions_per_class"] == 0:
+    raise ValueError("shortcut_agreement > 0 needs eval_lesions_per_class > 0: the shortcut is drawn in training "
+                     "images only, so the generator must fix the split itself")
+  regime["subtypes_per_class"] = int(regime["subtypes_per_class"])
+  if regime["subtypes_per_class"] < 1:
+    raise ValueError(f"subtypes_per_class must be >= 1, got {regime['subtypes_per_class']}")
+  if regime["task"] == "generic":
+    lesion_only = [k for k in REGIME_DEFAULTS if k != "task" and regime[k] != REGIME_DEFAULTS[k]]
+    if lesion_only:
+      raise ValueError(f"task='generic' takes none of the lesion task's options; got {lesion_only}")
+  return regime
+
+
 def _params(classes, image_size, lesions_per_class, images_per_lesion, paired_fraction, seed,
-            wli_contrast) -> dict[str, Any]:
-  return {
+            wli_contrast, regime: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  params = {
       "generator_version": GENERATOR_VERSION,
       "classes": list(classes),
       "image_size": int(image_size),
@@ -499,18 +648,135 @@ def _params(classes, image_size, lesions_per_class, images_per_lesion, paired_fr
       "seed": int(seed),
       "wli_contrast": float(wli_contrast),
   }
+  params.update({k: v for k, v in _regime(regime or {}).items() if v != REGIME_DEFAULTS[k]})
+  return params
+
+
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+  """One lesion to be written: its class, random streams, modalities and what the regime gives it."""
+
+  label: int
+  key: tuple[int, ...]  # Its random streams are [seed, stream, *key, ...].
+  modalities: tuple[str, ...]  # Listed in the manifest; each rendered in its own palette unless `palette`.
+  lesion_id: str = ""
+  patient_id: str = ""
+  split: str = ""  # Fixed split ("" when the folds decide).
+  subtype: int = 0
+  nuisance: int = -1  # Shortcut value (colour cast) of its WLI views; -1: none.
+  palette: str = ""  # Generic task: the palette ("wli" or "nbi") of all its views.
+
+
+def _fold_plan(num_classes: int, num_wli: int, num_nbi: int, num_paired: int, seed: int, task: str,
+               num_subtypes: int) -> list[_Planned]:
+  """Lesions of a data set the folds split: per class, serials [0, P) paired, [P, N_nbi) NBI only,
+  [N_nbi, N_nbi + N_wli - P) WLI only (generic task: N lesions listed as WLI, palettes alternating).
+  Lesion ids are a seeded permutation; patients hold 1 or 2 lesions (generic task: no patients, every lesion its
+  own split group)."""
+  lesions = []
+  for c in range(num_classes):
+    if task == "generic":
+      lesions += [_Planned(c, (c, s), ("wli",), palette=_MODALITIES[s % 2]) for s in range(num_wli)]
+      continue
+    for s in range(num_nbi + num_wli - num_paired):
+      mods = _MODALITIES if s < num_paired else ("nbi",) if s < num_nbi else ("wli",)
+      lesions.append(_Planned(c, (c, s), mods, subtype=s % num_subtypes))
+  order = np.random.default_rng([seed, _STREAM_IDS]).permutation(len(lesions))
+  lesion_ids = {}
+  for new_index, i in enumerate(order):
+    lesion_ids[i] = f"lesion{new_index:05d}"
+  patient_ids = {}
+  prng = np.random.default_rng([seed, _STREAM_PATIENTS])
+  shuffled = prng.permutation(len(lesions))
+  pos, patient = 0, 0
+  while pos < len(shuffled):
+    take = int(prng.integers(1, 3))
+    for i in shuffled[pos:pos + take]:
+      patient_ids[i] = f"patient{patient:05d}"
+    pos += take
+    patient += 1
+  return [dataclasses.replace(p, lesion_id=lesion_ids[i], patient_id=patient_ids[i] if task == "lesion" else "")
+          for i, p in enumerate(lesions)]
+
+
+def _nuisance_values(split: str, label: int, count: int, num_classes: int, agreement: float,
+                     rng: np.random.Generator) -> np.ndarray:
+  """(count,) shortcut values of one class's WLI lesions of one split, in a seeded random order.
+
+  Training: round(agreement * count) equal the label, the rest cycle through the other labels (so agreement 1 / C
+  makes the values balanced, i.e. independent of the class). Validation and test: every value equally often
+  (independent of the class when count is a multiple of C).
+  """
+  if split == "train":
+    agree = int(round(agreement * count))
+    others = [(label + 1 + i % (num_classes - 1)) % num_classes for i in range(count - agree)]
+    values = np.array([label] * agree + others, dtype=np.int64)
+  else:
+    values = np.arange(count, dtype=np.int64) % num_classes
+  return rng.permutation(values)
+
+
+def _fixed_plan(num_classes: int, num_wli: int, num_nbi: int, num_eval: int, seed: int, agreement: float,
+                num_subtypes: int) -> list[_Planned]:
+  """Lesions of a data set with a fixed split: per class and modality, N_wli or N_nbi training lesions and
+  `num_eval` validation and `num_eval` test lesions, all unpaired.
+
+  A lesion's streams depend only on (class, split, modality, index), and lesion ids on (split, modality, index),
+  so data sets that differ only in training counts or in the training agreement share their validation and test
+  images byte for byte. Sub-type = index mod S. Patients are not simulated (every lesion its own group).
+  """
+  plan = []
+  for split_index, split in enumerate(_SPLITS):
+    for modality_index, modality in enumerate(_MODALITIES):
+      count = num_eval if split != "train" else num_wli if modality == "wli" else num_nbi
+      lesions = []
+      for c in range(num_classes):
+        nuisance = np.full(count, -1, dtype=np.int64)
+        if modality == "wli" and agreement > 0:
+          rng = np.random.default_rng([seed, _STREAM_NUISANCE, split_index, c])
+          nuisance = _nuisance_values(split, c, count, num_classes, agreement, rng)
+        lesions += [_Planned(c, (c, split_index, modality_index, j), (modality,), split=split,
+                             subtype=j % num_subtypes, nuisance=int(nuisance[j])) for j in range(count)]
+      order = np.random.default_rng([seed, _STREAM_IDS, split_index, modality_index]).permutation(len(lesions))
+      plan += [dataclasses.replace(lesions[i], lesion_id=f"{modality}-{split}-{new_index:05d}")
+               for new_index, i in enumerate(order)]
+  return plan
 
 
 def generate(out_dir: str | os.PathLike[str], *, classes: Sequence[str] = DEFAULT_CLASSES,
              image_size: int = 128, lesions_per_class: int = 40, images_per_lesion: int = 3,
              paired_fraction: float = 0.0, seed: int = 0,
-             wli_contrast: float = WLI_CONTRAST) -> pathlib.Path:
+             wli_contrast: float = WLI_CONTRAST, **regime: Any) -> pathlib.Path:
   """Writes a synthetic WLI/NBI dataset to `out_dir` and returns the path of its manifest.
 
-  Each class gets `lesions_per_class` lesions per modality, each seen in `images_per_lesion`
+  By default each class gets `lesions_per_class` lesions per modality, each seen in `images_per_lesion`
   views, so there are 2 * C * lesions_per_class * images_per_lesion images. The first
   round(paired_fraction * lesions_per_class) lesions of a class are shared by both modalities
   (paired); the others are independent lesions of one modality. Patients hold 1 or 2 lesions.
+
+  Regime options (keyword arguments; their defaults, REGIME_DEFAULTS, give today's data set byte for byte):
+
+  * `wli_lesions_per_class`, `nbi_lesions_per_class` (-1: `lesions_per_class`): modality imbalance, different
+    lesions in the two modalities (the paired ones count in both).
+  * `eval_lesions_per_class` (0: the folds of `splits.assign_splits` split every lesion): > 0 fixes the split in
+    the generator: the counts above become the *training* lesions of each class, and every class gets this many
+    further validation and test lesions per modality. The manifest then has a `split` column, used with
+    `config.data.splits = "manifest"`. This is what lets few WLI training lesions (e.g. 12 per class) be scored
+    on enough validation and test lesions (e.g. 30 per class) -- a K-fold split keeps train : val : test fixed
+    at 64 : 16 : 20 -- and lets the generator know the training lesions (for the shortcut). Validation and test
+    lesions do not depend on the training counts or agreement: an oracle data set with more training lesions
+    shares its test images with the regime's, byte for byte.
+  * `shortcut_agreement` (0: off; needs a fixed split): WLI images carry a nuisance, a colour cast with one of C
+    values (`_shortcut_cast`) per lesion. In training lesions it equals the class for round(agreement * n) of a
+    class's n lesions, in validation and test every value is equally frequent in every class (independent of
+    it); NBI images have none. Agreement 1 / C puts the same casts in training, independent of the class.
+  * `subtypes_per_class` (1): pattern variants of each class (`_with_subtype`), sub-type = lesion index mod S,
+    so every class and split mixes them.
+  * `task` ("lesion"): "generic" draws instead GENERIC_CLASSES[c] (`_generic_map`) for class c on the same
+    scenes, `lesions_per_class` lesions per class, every image listed as modality "wli" (train it with stage
+    "baseline"), the lesions alternately drawn in the WLI and the NBI palette and optics; folds split it.
+
+  With any regime option set, lesions.csv also lists each image's palette, sub-type and nuisance value (-1: none).
 
   Args:
     out_dir: output folder (created). An existing manifest is removed first, so a folder whose
@@ -523,12 +789,20 @@ def generate(out_dir: str | os.PathLike[str], *, classes: Sequence[str] = DEFAUL
     paired_fraction: fraction of each class's lesions rendered in both modalities.
     seed: the only source of randomness; same arguments give the same bytes.
     wli_contrast: visibility of the class pattern in WLI (the cross-modal gap).
+    **regime: the regime options above.
 
   Returns:
     `out_dir/manifest.csv`.
   """
   classes = tuple(classes)
   _check_args(classes, image_size, lesions_per_class, images_per_lesion, paired_fraction)
+  options = _regime(regime)
+  task, num_eval = options["task"], options["eval_lesions_per_class"]
+  if task == "generic" and len(classes) > len(GENERIC_CLASSES):
+    raise ValueError(f"task='generic' has {len(GENERIC_CLASSES)} pattern classes, got {len(classes)} class names")
+  if num_eval > 0 and paired_fraction > 0:
+    raise ValueError("paired_fraction > 0 needs eval_lesions_per_class = 0 (a fixed split draws unpaired lesions)")
+  extended = any(options[k] != REGIME_DEFAULTS[k] for k in REGIME_DEFAULTS)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   manifest_path = out / MANIFEST_NAME
@@ -537,54 +811,47 @@ def generate(out_dir: str | os.PathLike[str], *, classes: Sequence[str] = DEFAUL
     stale.unlink(missing_ok=True)
 
   num_classes = len(classes)
-  num_paired = int(round(paired_fraction * lesions_per_class))
-  # Lesion serials per class: [0, P) paired, [P, L) NBI only, [L, 2L - P) WLI only.
-  lesions = []  # (class index, serial, modalities)
-  for c in range(num_classes):
-    for s in range(2 * lesions_per_class - num_paired):
-      if s < num_paired:
-        mods = _MODALITIES
-      elif s < lesions_per_class:
-        mods = ("nbi",)
-      else:
-        mods = ("wli",)
-      lesions.append((c, s, mods))
-  order = np.random.default_rng([seed, _STREAM_IDS]).permutation(len(lesions))
-  lesion_ids = {}
-  for new_index, i in enumerate(order):
-    lesion_ids[lesions[i][:2]] = f"lesion{new_index:05d}"
-  patient_ids = {}
-  prng = np.random.default_rng([seed, _STREAM_PATIENTS])
-  shuffled = prng.permutation(len(lesions))
-  pos, patient = 0, 0
-  while pos < len(shuffled):
-    take = int(prng.integers(1, 3))
-    for i in shuffled[pos:pos + take]:
-      patient_ids[lesions[i][:2]] = f"patient{patient:05d}"
-    pos += take
-    patient += 1
+  num_wli, num_nbi = (lesions_per_class if options[name] == -1 else options[name]
+                      for name in ("wli_lesions_per_class", "nbi_lesions_per_class"))
+  num_subtypes = options["subtypes_per_class"]
+  if num_eval > 0:
+    plan = _fixed_plan(num_classes, num_wli, num_nbi, num_eval, seed, options["shortcut_agreement"], num_subtypes)
+  else:
+    num_paired = int(round(paired_fraction * min(num_wli, num_nbi)))
+    plan = _fold_plan(num_classes, num_wli, num_nbi, num_paired, seed, task, num_subtypes)
 
-  def write_lesion(c: int, s: int, mods: tuple[str, ...]) -> list[tuple[tuple[str, ...], ...]]:
-    lesion = _draw_lesion(np.random.default_rng([seed, _STREAM_LESION, c, s]),
-                          c / (num_classes - 1))
-    lesion_id = lesion_ids[(c, s)]
+  def write_lesion(item: _Planned) -> list[tuple[tuple[str, ...], ...]]:
+    c = item.label
+    rng = np.random.default_rng([seed, _STREAM_LESION, *item.key])
+    if task == "generic":
+      lesion = _draw_generic(rng, c)
+    else:
+      lesion = _with_subtype(_draw_lesion(rng, c / (num_classes - 1)), item.subtype, num_subtypes)
+    cast = None if item.nuisance < 0 else _shortcut_cast(item.nuisance, num_classes)
     written = []
     for k in range(images_per_lesion):
-      view = _draw_view(np.random.default_rng([seed, _STREAM_VIEW, c, s, k]))
-      for modality in mods:
-        rng = np.random.default_rng([seed, _STREAM_IMAGE, c, s, k, _MODALITIES.index(modality)])
-        pixels, box = _render(lesion, view, modality, rng, image_size, wli_contrast)
-        rel = f"{modality}/{classes[c]}/{lesion_id}__{k}.png"
+      view = _draw_view(np.random.default_rng([seed, _STREAM_VIEW, *item.key, k]))
+      for modality in item.modalities:
+        rng = np.random.default_rng([seed, _STREAM_IMAGE, *item.key, k, _MODALITIES.index(modality)])
+        palette = item.palette or modality
+        pixels, box = _render(lesion, view, palette, rng, image_size, wli_contrast,
+                              cast if modality == "wli" else None)
+        rel = f"{modality}/{classes[c]}/{item.lesion_id}__{k}.png"
         _atomic_write(out / rel, _png_bytes(pixels))
-        pair_id = f"{lesion_id}__{k}" if len(mods) == 2 else ""
-        written.append(((rel, modality, classes[c], lesion_id, patient_ids[(c, s)], pair_id),
-                        (rel, *(f"{x:.2f}" for x in box))))
+        pair_id = f"{item.lesion_id}__{k}" if len(item.modalities) == 2 else ""
+        row = (rel, modality, classes[c], item.lesion_id, item.patient_id, pair_id)
+        where = (rel, *(f"{x:.2f}" for x in box))
+        if num_eval > 0:
+          row += (item.split,)
+        if extended:
+          where += (palette, str(item.subtype), str(item.nuisance if modality == "wli" else -1))
+        written.append((row, where))
     return written
 
   # Lesions are independent (own random streams), so threads change nothing in the output; NumPy
   # and PNG encoding release the GIL for most of the work.
   with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-    results = list(pool.map(lambda lesion: write_lesion(*lesion), lesions))
+    results = list(pool.map(write_lesion, plan))
   rows = sorted(row for written in results for row, _ in written)
   boxes = sorted(box for written in results for _, box in written)
   if previous_run:  # Regenerating our own folder: drop images of the earlier run.
@@ -595,10 +862,11 @@ def generate(out_dir: str | os.PathLike[str], *, classes: Sequence[str] = DEFAUL
           old.unlink()
 
   params = _params(classes, image_size, lesions_per_class, images_per_lesion, paired_fraction,
-                   seed, wli_contrast)
+                   seed, wli_contrast, options)
   _atomic_write(out / PARAMS_NAME, (json.dumps(params, indent=2) + "\n").encode())
-  _atomic_write(out / LESIONS_NAME, _csv_bytes(("path", "center_x", "center_y", "radius"), boxes))
-  _atomic_write(manifest_path, _csv_bytes(MANIFEST_COLUMNS, rows))
+  box_columns = ("path", "center_x", "center_y", "radius") + (("palette", "subtype", "nuisance") if extended else ())
+  _atomic_write(out / LESIONS_NAME, _csv_bytes(box_columns, boxes))
+  _atomic_write(manifest_path, _csv_bytes(MANIFEST_COLUMNS + (("split",) if num_eval > 0 else ()), rows))
   return manifest_path
 
 
@@ -614,7 +882,8 @@ def ensure_generated(data_config: Mapping[str, Any] | Any) -> pathlib.Path | Non
   """Generates the synthetic dataset a data config asks for, once; returns its manifest path.
 
   Reads `data_config.synthetic.{enabled,out,image_size,lesions_per_class,images_per_lesion,
-  paired_fraction,seed}` and `data_config.classes`. Returns None when synthetic data is disabled.
+  paired_fraction,seed,wli_contrast}`, the regime options (REGIME_DEFAULTS), `data_config.classes` and
+  `data_config.splits`. Returns None when synthetic data is disabled.
   An existing complete folder (its manifest exists) is reused when its `synthetic.json` matches
   the requested parameters; a mismatch raises ValueError rather than mixing datasets.
   """
@@ -625,8 +894,17 @@ def ensure_generated(data_config: Mapping[str, Any] | Any) -> pathlib.Path | Non
     raise ValueError("data.synthetic.out is empty: set the folder for the synthetic dataset")
   out = pathlib.Path(syn.out).expanduser()
   classes = tuple(data_config.classes)
+  regime = {name: syn.get(name, default) for name, default in REGIME_DEFAULTS.items()}
+  wli_contrast = float(syn.get("wli_contrast", WLI_CONTRAST))
   wanted = _params(classes, syn.image_size, syn.lesions_per_class, syn.images_per_lesion,
-                   syn.paired_fraction, syn.seed, WLI_CONTRAST)
+                   syn.paired_fraction, syn.seed, wli_contrast, regime)
+  fixed_split = wanted.get("eval_lesions_per_class", 0) > 0
+  splits_mode = data_config.get("splits", "folds")
+  if fixed_split != (splits_mode == "manifest"):
+    raise ValueError(
+        f"data.synthetic.eval_lesions_per_class={wanted.get('eval_lesions_per_class', 0)} with "
+        f"data.splits={splits_mode!r}: a synthetic data set fixes its split (eval_lesions_per_class > 0) exactly "
+        "when data.splits is 'manifest'")
   manifest = out / MANIFEST_NAME
   out.mkdir(parents=True, exist_ok=True)
   # Several processes (hosts, workers) may start at once: one generates, the others wait and reuse.
@@ -640,14 +918,15 @@ def ensure_generated(data_config: Mapping[str, Any] | Any) -> pathlib.Path | Non
         raise ValueError(f"{params_path}: missing or unreadable ({e}); delete {out} to "
                          "regenerate") from e
       if found != wanted:
-        diff = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+        diff = {k: (found.get(k), wanted.get(k)) for k in sorted(set(wanted) | set(found))
+                if found.get(k) != wanted.get(k)}
         raise ValueError(f"{out} holds a synthetic dataset generated with other parameters "
                          f"(found, wanted): {diff}; delete it or change data.synthetic.out")
       return manifest
     return generate(out, classes=classes, image_size=syn.image_size,
                     lesions_per_class=syn.lesions_per_class,
                     images_per_lesion=syn.images_per_lesion,
-                    paired_fraction=syn.paired_fraction, seed=syn.seed)
+                    paired_fraction=syn.paired_fraction, seed=syn.seed, wli_contrast=wli_contrast, **regime)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -661,12 +940,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--paired_fraction", type=float, default=0.0)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--wli_contrast", type=float, default=WLI_CONTRAST)
+  parser.add_argument("--task", default="lesion", choices=TASKS)
+  for name in ("wli_lesions_per_class", "nbi_lesions_per_class", "eval_lesions_per_class", "subtypes_per_class"):
+    parser.add_argument(f"--{name}", type=int, default=REGIME_DEFAULTS[name])
+  parser.add_argument("--shortcut_agreement", type=float, default=0.0)
   args = parser.parse_args(argv)
   manifest = generate(args.out, classes=[c.strip() for c in args.classes.split(",")],
                       image_size=args.image_size, lesions_per_class=args.lesions_per_class,
                       images_per_lesion=args.images_per_lesion,
                       paired_fraction=args.paired_fraction, seed=args.seed,
-                      wli_contrast=args.wli_contrast)
+                      wli_contrast=args.wli_contrast, **{k: getattr(args, k) for k in REGIME_DEFAULTS})
   print(manifest)
 
 

@@ -3,7 +3,8 @@
   python -m pagkd_jax.data.validate configs/piccolo.py --config.data.manifest=/data/piccolo/manifest.csv
   python -m pagkd_jax.data.validate /data/piccolo/manifest.csv [--classes=a,b,c] [--image_size=448]
 
-`train.py` runs the same check (`experiment.load_split_data`) before it trains anything.
+`train.py` runs the same check (`experiment.load_split_data`) before it trains anything. Given a config, its values
+are checked first (`config_check`, as train.py does): a mistaken one exits with status 2.
 
 Errors (training refuses to start):
   * in the manifest, found when it is read (`manifest.parse_manifest`): missing columns, empty path or
@@ -269,7 +270,8 @@ def read_records(data_config: Any, manifest_path: str | None = None) -> tuple[li
 def check_data(data_config: Any, *, manifest_path: str | None = None,
                required_modalities: Sequence[str] = MODALITIES,
                num_threads: int | None = None) -> tuple[list[ImageRecord], list[str] | None, Report]:
-  """Reads, splits (`splits.assign_splits` with `data_config`'s fold settings) and checks a data set.
+  """Reads, splits (`splits.split_records`: `data_config`'s folds or the manifest's split column) and checks a
+  data set.
 
   Invalid manifest rows are errors of the report, listed before the problems of the other rows' images.
 
@@ -286,8 +288,7 @@ def check_data(data_config: Any, *, manifest_path: str | None = None,
   splits = None
   if records:
     try:
-      splits = splits_lib.assign_splits(records, num_folds=data_config.num_folds, fold=data_config.fold,
-                                        val_fraction=data_config.val_fraction, seed=data_config.split_seed)
+      splits = splits_lib.split_records(records, data_config)
     except ValueError as e:
       problems.append(f"{source}: cannot split the data: {e}")
   report = check_records(records, splits, classes=tuple(data_config.classes), image_size=data_config.image_size,
@@ -340,7 +341,9 @@ def _main(argv: Sequence[str]) -> int:
           "[--classes=a,b,c] [--image_size=N] [--group_size=K] [--stage=pagkd] [--fold=F] ...", file=sys.stderr)
     return 2
   if fl.config is not None:
+    from pagkd_jax import config_check  # pylint: disable=g-import-not-at-top
     config = fl.config
+    config_check.exit_on_problems(config_check.find_problems(config))  # Exit status 2, before any data is read.
     data, stage, manifest_path = config.data, config.stage, None
     if data.synthetic.enabled:
       from pagkd_jax.data import synthetic  # pylint: disable=g-import-not-at-top

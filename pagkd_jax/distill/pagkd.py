@@ -24,6 +24,7 @@ from pagkd_jax.models.cam import class_activation_map
 
 REGION_LABEL_SOURCES = ("cam_par", "random")
 VARIANT_DEFAULTS = {"paper": {"lambda_pro": 1.0}, "release": {"lambda_pro": 1e-3}}
+LEVELS = ("group", "image")  # distill.level: PaGKD's class groups, or the image-level ablation.
 
 
 def resolved(distill_config, name: str):
@@ -35,11 +36,11 @@ def resolved(distill_config, name: str):
 def check_config(distill_config) -> None:
   d = distill_config
   if d.variant not in VARIANT_DEFAULTS:
-    raise ValueError(f"Unknown distill.variant {d.variant!r}; expected 'paper' or 'release'.")
-  if d.level not in ("group", "image"):
-    raise ValueError(f"Unknown distill.level {d.level!r}; expected 'group' or 'image'.")
-  if d.prototypes not in ("qformer", "avg_pool"):
-    raise ValueError(f"Unknown distill.prototypes {d.prototypes!r}; expected 'qformer' or 'avg_pool'.")
+    raise ValueError(f"Unknown distill.variant {d.variant!r}; expected one of {tuple(VARIANT_DEFAULTS)}.")
+  if d.level not in LEVELS:
+    raise ValueError(f"Unknown distill.level {d.level!r}; expected one of {LEVELS}.")
+  if d.prototypes not in qformer.EXTRACTOR_KINDS:
+    raise ValueError(f"Unknown distill.prototypes {d.prototypes!r}; expected one of {qformer.EXTRACTOR_KINDS}.")
   if d.region_labels not in REGION_LABEL_SOURCES:
     raise ValueError(f"Unknown distill.region_labels {d.region_labels!r}; expected one of {REGION_LABEL_SOURCES}.")
   fractions = tuple(d.random_region_fractions)
@@ -128,20 +129,31 @@ class DistillationHeads(nn.Module):
       the student's and the teacher-side group tokens ("diag/token_norm_wli", "diag/token_norm_nbi").
     """
     d = self.distill
-    # Group features: bias-free 1x1 convolutions F -> d; the teacher side is trainable (spec 3).
-    tokens_wli = nn.Dense(d.embed_dim, use_bias=False, dtype=self.dtype, name="student_embed")(f_student)
-    tokens_nbi = nn.Dense(d.embed_dim, use_bias=False, dtype=self.dtype, name="teacher_embed")(f_teacher)
+    release = d.variant == "release"
+    # Group features: bias-free 1x1 convolutions F -> d; the teacher side is trainable (spec 3). The release
+    # initialises the student's as its ResNet's convolutions (kaiming-normal, fan-out, ReLU gain) and the teacher
+    # side with torch's default conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    student_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal") if release else None
+    teacher_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform") if release else None
+    embed = lambda name, init: nn.Dense(d.embed_dim, use_bias=False, dtype=self.dtype, name=name,
+                                        **({"kernel_init": init} if init else {}))
+    tokens_wli = embed("student_embed", student_init)(f_student)
+    tokens_nbi = embed("teacher_embed", teacher_init)(f_teacher)
+    # The release sums its per-class terms; with C * K image-level groups of one, a class's term is the mean over
+    # its K groups, hence the factor C / G (1 at the group level).
+    per_class = self.num_classes / f_student.shape[0]
     out = {"loss_pro": jnp.zeros((), jnp.float32), "loss_den": jnp.zeros((), jnp.float32),
            "diag/token_norm_wli": mean_token_norm(tokens_wli), "diag/token_norm_nbi": mean_token_norm(tokens_nbi)}
     if d.use_pro:
       extractor = qformer.make_prototype_extractor(
           d.prototypes, num_queries=d.num_queries, num_layers=d.qformer_layers, num_heads=d.qformer_heads,
-          variant=d.variant, dtype=self.dtype, name="prototypes")
-      q_wli, q_nbi = extractor(tokens_wli), extractor(tokens_nbi)  # Shared queries: one module, both sides.
+          variant=d.variant, num_classes=self.num_classes, dtype=self.dtype, name="prototypes")
+      # Shared queries: one module, both sides (release: the same identity codes for a class's two groups).
+      q_wli, q_nbi = extractor(tokens_wli, group_labels), extractor(tokens_nbi, group_labels)
       if d.variant == "paper":
         out["loss_pro"] = prototype_loss.group_contrastive_loss(q_wli, q_nbi, group_labels, d.temperature)
       else:
-        contrastive = prototype_loss.release_prototype_loss(q_wli, q_nbi, group_labels)
+        contrastive = per_class * prototype_loss.release_prototype_loss(q_wli, q_nbi, group_labels)
         logits = prototype_loss.PrototypeClassifier(self.num_classes, name="prototype_classifier")(
             jnp.concatenate([q_wli, q_nbi]))
         classification = prototype_loss.prototype_classification_loss(
@@ -152,6 +164,6 @@ class DistillationHeads(nn.Module):
       loss_den, diagnostics = srca.SRCA(proj_dim=d.proj_dim, variant=d.variant, masked=d.masked,
                                         bidirectional=d.bidirectional, dtype=self.dtype, name="srca")(
                                             tokens_wli, tokens_nbi, regions_wli, regions_nbi)
-      out["loss_den"] = loss_den
+      out["loss_den"] = per_class * loss_den if release else loss_den
       out.update({f"den/{k}": v for k, v in diagnostics.items()})
     return out

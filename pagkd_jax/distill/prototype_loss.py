@@ -5,9 +5,13 @@ C*K image pairs for the image-level ablation). Everything is computed in float32
 dtype.
 """
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from pagkd_jax.distill import qformer
 
 # The similarity matrices are tiny; keep them exact float32 (no TF32) on accelerators.
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -107,8 +111,8 @@ def release_prototype_loss(q_wli: jax.Array, q_nbi: jax.Array, labels: jax.Array
   Every set is L2-normalised along the query axis for each channel (norm floored at `eps`); the
   similarity of two sets is sum over channels and queries of their elementwise product / `divisor`.
   Anchors are WLI only: loss_g = -log(exp(s_pos) / (1 + exp(s_pos) + sum_neg exp(s_neg))), with
-  positive Q_g^NBI and negatives = all sets (both modalities) of a different label; mean over
-  anchors (the release sums over its C anchors instead).
+  positive Q_g^NBI and negatives = all sets (both modalities) of a different label; summed over
+  the anchors, as the release sums over its C WLI anchors.
 
   Args:
     q_wli: `(G, N_q, d)`.
@@ -132,13 +136,14 @@ def release_prototype_loss(q_wli: jax.Array, q_nbi: jax.Array, labels: jax.Array
   # The "+1" of the denominator is a constant logit 0 that is always present.
   logits = jnp.concatenate([jnp.zeros((g, 1), jnp.float32), sim], axis=1)
   mask = jnp.concatenate([jnp.ones((g, 1), bool), mask], axis=1)
-  return jnp.mean(jax.nn.logsumexp(logits, axis=1, where=mask) - pos_logit)
+  return jnp.sum(jax.nn.logsumexp(logits, axis=1, where=mask) - pos_logit)
 
 
 class PrototypeClassifier(nn.Module):
   """Release prototype classification head (spec 4, "Release loss"): `(S, N_q, d) -> (S, C)`.
 
-  Mean over the queries (float32), then a linear layer with bias. Logits are float32.
+  Mean over the queries (float32), then a linear layer with bias, initialised as torch's `nn.Linear`:
+  kernel and bias U(-1/sqrt(d), 1/sqrt(d)). Logits are float32.
 
   Attributes:
     num_classes: C.
@@ -153,7 +158,9 @@ class PrototypeClassifier(nn.Module):
       raise ValueError(
           f"PrototypeClassifier expects (S, N_q, d) prototype sets; got {tuple(prototypes.shape)}.")
     pooled = jnp.mean(prototypes.astype(jnp.float32), axis=1)
-    return nn.Dense(self.num_classes, dtype=jnp.float32, name="fc")(pooled)
+    torch_default = qformer.symmetric_uniform(1.0 / math.sqrt(prototypes.shape[-1]))
+    return nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=torch_default, bias_init=torch_default,
+                    name="fc")(pooled)
 
 
 def prototype_classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

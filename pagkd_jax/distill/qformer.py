@@ -6,11 +6,13 @@ projected to d channels), to a prototype set per group, `(G, N_q, d)`. The same 
 classes and both modalities.
 """
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -18,7 +20,59 @@ VARIANTS = ("paper", "release")
 EXTRACTOR_KINDS = ("qformer", "avg_pool")
 
 # Per-variant default number of heads when `LRQFormer.num_heads` is None.
-_DEFAULT_HEADS = {"paper": 8, "release": 16}
+DEFAULT_HEADS = {"paper": 8, "release": 16}
+
+# The release's per-image identity codes of class ranks 1 and 2: the first values of torch's CPU generator,
+# `torch.manual_seed(42); torch.rand(32)` and the same with seed 57 (float32, torch 2.13; torch.rand(n) is a prefix
+# of torch.rand(32) for every n <= 32). Rank 0 uses sin((k + 0.1) * 0.1) instead.
+_RELEASE_RAND_SEED_42 = (
+    0.8822692632675171, 0.9150039553642273, 0.38286375999450684, 0.9593056440353394, 0.3904482126235962,
+    0.600895345211029, 0.2565724849700928, 0.7936413288116455, 0.9407714605331421, 0.13318592309951782,
+    0.9345980882644653, 0.5935796499252319, 0.8694044351577759, 0.5677152872085571, 0.7410940527915955,
+    0.42940449714660645, 0.8854429125785828, 0.5739044547080994, 0.2665800452232361, 0.6274491548538208,
+    0.26963168382644653, 0.4413635730743408, 0.2969208359718323, 0.831685483455658, 0.10531491041183472,
+    0.26949483156204224, 0.3588126301765442, 0.19936376810073853, 0.5471915602684021, 0.006160438060760498,
+    0.951554536819458, 0.07526588439941406)
+_RELEASE_RAND_SEED_57 = (
+    0.361508309841156, 0.6569646596908569, 0.002136528491973877, 0.4128659963607788, 0.23163312673568726,
+    0.42301130294799805, 0.560369610786438, 0.8256030082702637, 0.884706974029541, 0.39371973276138306,
+    0.5363077521324158, 0.9061580300331116, 0.6174567341804504, 0.6103177070617676, 0.04770725965499878,
+    0.507382869720459, 0.6552324891090393, 0.06090128421783447, 0.7199400067329407, 0.523902952671051,
+    0.381811261177063, 0.11332225799560547, 0.023384153842926025, 0.2577937841415405, 0.6515390872955322,
+    0.3780520558357239, 0.03546673059463501, 0.3173173666000366, 0.8233062028884888, 0.2626732587814331,
+    0.5563353896141052, 0.7730164527893066)
+RELEASE_MAX_CLASSES = 3  # The release defines codes for three class ranks (and crashes on a fourth).
+RELEASE_MAX_GROUP_SIZE = len(_RELEASE_RAND_SEED_42)
+
+
+def release_identity_codes(num_classes: int, group_size: int) -> np.ndarray:
+  """The release LR-QFormer's per-image codes (spec 4): `(num_classes, group_size)` float32.
+
+  Row c is the code of the class of rank c (its label index), entry k the scalar added to every token of image k
+  of that class's group, the same for the WLI and the NBI group: rank 0: sin((k + 0.1) * 0.1); rank 1: the first
+  values of torch's `rand` after `manual_seed(42)`; rank 2: the same after `manual_seed(57)`.
+  """
+  if not 1 <= num_classes <= RELEASE_MAX_CLASSES:
+    raise ValueError(
+        f"The release variant's LR-QFormer has identity codes for at most {RELEASE_MAX_CLASSES} classes (the "
+        f"release crashes on more); got {num_classes} classes. Use distill.variant='paper' or "
+        f"distill.prototypes='avg_pool' for more classes.")
+  if not 1 <= group_size <= RELEASE_MAX_GROUP_SIZE:
+    raise ValueError(
+        f"The release variant's identity codes are stored for groups of at most {RELEASE_MAX_GROUP_SIZE} images; "
+        f"got group size {group_size} (data.group_size, or 1 at the image level).")
+  rank0 = [math.sin((k + 0.1) * 0.1) for k in range(group_size)]
+  rows = (rank0, _RELEASE_RAND_SEED_42[:group_size], _RELEASE_RAND_SEED_57[:group_size])
+  return np.asarray(rows[:num_classes], np.float32)
+
+
+def symmetric_uniform(bound: float) -> nn.initializers.Initializer:
+  """Initialiser drawing U(-bound, bound), as torch's `nn.init.uniform_(w, -bound, bound)`."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 def _check_tokens(tokens: jax.Array, who: str) -> None:
@@ -32,15 +86,20 @@ class MultiHeadAttention(nn.Module):
 
   `(..., L_q, d) x (..., L_k, d) -> (..., L_q, d)`. Logits are scaled by 1/sqrt(d / num_heads);
   the softmax is computed in float32 whatever the compute dtype. Projection kernels use
-  Xavier-uniform initialisation and zero biases (as torch's `nn.MultiheadAttention`).
+  Xavier-uniform initialisation (each d x d kernel on its own) and zero biases; with `torch_init`, the
+  initialisation of torch's `nn.MultiheadAttention` instead: q/k/v kernels Xavier-uniform over torch's stacked
+  (3d, d) input projection, i.e. U(-b, b) with b = sqrt(6 / (d + 3d)), the output kernel torch's default Linear
+  init U(-1/sqrt(d), 1/sqrt(d)), all biases zero.
 
   Attributes:
     num_heads: number of heads; must divide d.
+    torch_init: torch's initialisation (the release variant) instead of per-kernel Xavier.
     dtype: compute dtype (params stay `param_dtype`).
     param_dtype: parameter dtype.
   """
 
   num_heads: int
+  torch_init: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -56,9 +115,11 @@ class MultiHeadAttention(nn.Module):
     head_dim = d // self.num_heads
 
     def dense(name: str) -> nn.Dense:
+      kernel_init = nn.initializers.xavier_uniform()
+      if self.torch_init:
+        kernel_init = symmetric_uniform(1.0 / math.sqrt(d) if name == "out" else math.sqrt(6.0 / (4 * d)))
       return nn.Dense(d, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=nn.initializers.xavier_uniform(),
-                      bias_init=nn.initializers.zeros, name=name)
+                      kernel_init=kernel_init, bias_init=nn.initializers.zeros, name=name)
 
     def split_heads(x: jax.Array) -> jax.Array:
       return x.reshape(*x.shape[:-1], self.num_heads, head_dim)
@@ -113,10 +174,11 @@ class LRQFormer(nn.Module):
     image-index embedding `(K, d)` (shapes fixed by the input seen at init); T = `num_layers`
     pre-LN decoder blocks (self-attention, cross-attention to the tokens, MLP, residuals); a final
     LayerNorm. Queries start from N(0, 0.02^2).
-  * variant "release": tokens of image k get the scalar k (as a float) added to every channel; one
-    multi-head cross-attention from the queries to the tokens (q/k/v/out projections with bias); no
-    self-attention, MLP, LayerNorm or residual. Queries start from N(0, 1) (torch.randn in the
-    release).
+  * variant "release": every token of image k of a group of class c gets the scalar code
+    `release_identity_codes(num_classes, K)[c, k]` added to every channel (the same for WLI and NBI); one
+    multi-head cross-attention from the queries to the tokens (q/k/v/out projections with bias, torch's
+    `nn.MultiheadAttention` initialisation); no self-attention, MLP, LayerNorm or residual. Queries start from
+    N(0, 1) (torch.randn in the release).
 
   Attributes:
     num_queries: N_q.
@@ -124,6 +186,7 @@ class LRQFormer(nn.Module):
     num_heads: attention heads; None picks the variant's default (paper 8, release 16).
     mlp_ratio: MLP hidden width / d (paper variant only).
     variant: "paper" or "release".
+    num_classes: C, the number of identity-code rows (release variant only; at most 3).
     dtype: compute dtype (softmaxes in float32; params float32). The output has this dtype.
   """
 
@@ -132,16 +195,24 @@ class LRQFormer(nn.Module):
   num_heads: int | None = None
   mlp_ratio: int = 4
   variant: str = "paper"
+  num_classes: int | None = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """tokens `(G, K, h, w, d)` -> prototypes `(G, N_q, d)`."""
+  def __call__(self, tokens: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+    """tokens `(G, K, h, w, d)`, labels `(G,)` int class of each group (release variant) -> `(G, N_q, d)`."""
     if self.variant not in VARIANTS:
       raise ValueError(f"LRQFormer: unknown variant {self.variant!r}; expected one of {VARIANTS}.")
     _check_tokens(tokens, "LRQFormer")
     g, k, h, w, d = tokens.shape
-    num_heads = _DEFAULT_HEADS[self.variant] if self.num_heads is None else self.num_heads
+    if self.variant == "release":
+      if self.num_classes is None or labels is None:
+        raise ValueError("LRQFormer(variant='release') needs num_classes and the (G,) group labels: its identity "
+                         "codes depend on the class.")
+      if jnp.shape(labels) != (g,):
+        raise ValueError(f"LRQFormer: labels must have shape (G,) = ({g},); got {tuple(jnp.shape(labels))}.")
+      codes = jnp.asarray(release_identity_codes(self.num_classes, k))
+    num_heads = DEFAULT_HEADS[self.variant] if self.num_heads is None else self.num_heads
     if num_heads <= 0 or d % num_heads:
       raise ValueError(f"LRQFormer: num_heads={num_heads} must divide the token width d={d}.")
     tokens = tokens.astype(self.dtype).reshape(g, k, h * w, d)
@@ -152,9 +223,9 @@ class LRQFormer(nn.Module):
     x = jnp.broadcast_to(queries.astype(self.dtype), (g, self.num_queries, d))
 
     if self.variant == "release":
-      image_code = jnp.arange(k, dtype=self.dtype)[None, :, None, None]  # (1, K, 1, 1)
+      image_code = codes[jnp.asarray(labels, jnp.int32)].astype(self.dtype)[:, :, None, None]  # (G, K, 1, 1)
       memory = (tokens + image_code).reshape(g, k * h * w, d)
-      return MultiHeadAttention(num_heads, dtype=self.dtype, name="cross_attention")(x, memory)
+      return MultiHeadAttention(num_heads, torch_init=True, dtype=self.dtype, name="cross_attention")(x, memory)
 
     embed_init = nn.initializers.normal(stddev=0.02)
     spatial = self.param("spatial_embedding", embed_init, (h * w, d), jnp.float32)
@@ -179,21 +250,22 @@ class AveragePoolPrototypes(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """tokens `(G, K, h, w, d)` -> `(G, 1, d)`."""
+  def __call__(self, tokens: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+    """tokens `(G, K, h, w, d)` (labels are accepted and ignored) -> `(G, 1, d)`."""
+    del labels
     _check_tokens(tokens, "AveragePoolPrototypes")
     mean = jnp.mean(tokens.astype(jnp.float32), axis=(1, 2, 3))
     return mean[:, None, :].astype(self.dtype)
 
 
-_QFORMER_FIELDS = ("num_queries", "num_layers", "num_heads", "mlp_ratio", "variant")
+_QFORMER_FIELDS = ("num_queries", "num_layers", "num_heads", "mlp_ratio", "variant", "num_classes")
 
 
 def make_prototype_extractor(kind: str, **kw: Any) -> nn.Module:
   """Builds the GKD-Pro prototype extractor named by `kind` ("qformer" or "avg_pool").
 
   `kw` are the `LRQFormer` attributes (plus Linen's `name`/`parent`). For "avg_pool", the
-  LR-QFormer-only attributes (num_queries, num_layers, num_heads, mlp_ratio, variant) are accepted
+  LR-QFormer-only attributes (num_queries, num_layers, num_heads, mlp_ratio, variant, num_classes) are accepted
   and ignored so that the same call can switch between the two; `dtype`, `name` and `parent` are
   honoured; anything else raises a TypeError.
   """

@@ -24,10 +24,10 @@ Release variant. No projections, no scaling; attention for every (query image m,
 pair of a group: logits (h*w, h*w) = X_q[m] X_k[n]^T times the release relation weights of the
 labels of image m (queries) and image n (keys), zero-weight entries set to -1e9, softmax over image
 n's keys, reconstruction of image m from image n's values, loss 1 - cos(flattened reconstruction,
-flattened image m). Mean over the K^2 pairs, the G groups and the directions. (The release sums
-over classes and directions instead of averaging: its value is 2 * G times this one when
-bidirectional. It also built the mask from the wrong images and compared against image n; both are
-fixed here, spec 7.) `masked=False` drops the relation weights.
+flattened image m). Mean over the K^2 pairs of a group, **summed** over the G groups and over the
+directions, as the release sums its per-class terms and its two directions. (The release also built
+the mask from the wrong images and compared against image n; both are fixed here, spec 7.)
+`masked=False` drops the relation weights.
 
 Logits, softmaxes and losses are float32 whatever the input dtype; `dtype` is the compute dtype of
 the paper projections.
@@ -152,9 +152,9 @@ class SRCA(nn.Module):
       labels_nbi: `(G, K, h, w)` int8 labels of the NBI images.
 
     Returns:
-      scalar float32 loss and a dict with, per direction `dir`, `loss/dir`, `valid_fraction/dir`
-      (queries that enter the loss; 1 for the release and unmasked variants) and
-      `known_fraction/dir` (queries with a known label).
+      scalar float32 loss (paper: mean over the directions; release: their sum) and a dict with, per
+      direction `dir`, `loss/dir`, `valid_fraction/dir` (queries that enter the loss; 1 for the release
+      and unmasked variants) and `known_fraction/dir` (queries with a known label).
     """
     if self.variant not in VARIANTS:
       raise ValueError(f"SRCA variant must be one of {VARIANTS}, got {self.variant!r}")
@@ -199,10 +199,11 @@ class SRCA(nn.Module):
             f_q.reshape(num_groups, k, h * w, d).astype(jnp.float32),
             f_k.reshape(num_groups, k, h * w, d).astype(jnp.float32),
             l_q.reshape(num_groups, k, h * w), l_k.reshape(num_groups, k, h * w), self.masked)
-        loss = jnp.mean(per_group)
+        loss = jnp.sum(per_group)
         valid = jnp.ones((), jnp.float32)
       losses.append(loss)
       diagnostics[f"loss/{name}"] = loss
       diagnostics[f"valid_fraction/{name}"] = valid
       diagnostics[f"known_fraction/{name}"] = known
-    return sum(losses) / len(losses), diagnostics
+    total = sum(losses)
+    return (total if self.variant == "release" else total / len(losses)), diagnostics

@@ -16,6 +16,7 @@ from pagkd_jax import checkpointing
 from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data import augment
+from pagkd_jax.data import class_groups
 from pagkd_jax.data import image_io
 from pagkd_jax.evaluation import figures
 from pagkd_jax.evaluation import inference
@@ -86,7 +87,8 @@ def evaluate_workdir(workdir: str, which: str = "best") -> dict:
   report = metrics_lib.classification_report(labels, probs, classes, groups=groups,
                                              n_bootstrap=config.eval.bootstrap_samples, seed=config.seed)
   report.update({"workdir": workdir, "stage": config.stage, "modality": modality, "checkpoint": kind,
-                 "checkpoint_step": int(step), "fold": int(config.data.fold)})
+                 "checkpoint_step": int(step), "fold": int(config.data.fold),
+                 **_distillation_record(workdir, config, data, kind, int(step))})
   if config.data.synthetic.enabled:
     report["region_agreement"] = _region_agreement(workdir, config, data, model, variables, test_records, which)
   if jax.process_index() == 0:
@@ -97,6 +99,29 @@ def evaluate_workdir(workdir: str, which: str = "best") -> dict:
                  report["accuracy"], report["f1_macro"], out_dir)
   return {"report": report, "labels": labels, "probs": probs, "groups": groups, "classes": classes,
           "seed": int(config.seed), "bootstrap": int(config.eval.bootstrap_samples)}
+
+
+def _distillation_record(workdir: str, config, data, kind: str, step: int) -> dict:
+  """Whether the evaluated checkpoint was trained with distillation (metrics.json), logged; a warning when a stage-2
+  run ships a model that never saw it."""
+  if config.stage != "pagkd":
+    return {"distillation_on": False, "distillation_warmup_steps": None}
+  modality = experiment.stage_modality(config.stage)
+  steps_per_epoch = class_groups.steps_per_epoch(data.select("train", None), data.classes, modality,
+                                                 int(config.data.group_size))
+  warmup = experiment.distillation_warmup_steps(config, steps_per_epoch)
+  on = experiment.distillation_on(config, step, steps_per_epoch)
+  if on:
+    logging.info("%s: the %s checkpoint (step %d) was trained with distillation (from update %d on).", workdir, kind,
+                 step, warmup + 1)
+  elif not (config.distill.use_pro or config.distill.use_den):
+    logging.warning("%s: the %s checkpoint (step %d) was trained without distillation: distill.use_pro and "
+                    "distill.use_den are both off in this run.", workdir, kind, step)
+  else:
+    logging.warning("%s: the %s checkpoint (step %d) is from the cross-entropy warm-up (distillation from update %d "
+                    "on): this stage-2 model never saw distillation. config.train.select_after_warmup=True restricts "
+                    "the best checkpoint to distilled steps.", workdir, kind, step, warmup + 1)
+  return {"distillation_on": on, "distillation_warmup_steps": warmup}
 
 
 def _restore_classifier(workdir: str, model, size: int, which: str):

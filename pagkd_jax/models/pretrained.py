@@ -4,7 +4,9 @@ Folder layout (DIR):
   DIR/variables/          orbax checkpoint of {"params", "batch_stats"} without the classification head
   DIR/imported_from.json  {"architecture", "source", "sha256", "format", "normalization", "head"}
 
-`config.model.init_from` names such a folder or a weights file directly (converted on the fly). Every backbone
+`config.model.init_from` names such a folder, a weights file (converted on the fly), or a trained run's workdir
+(WORKDIR/config.json and WORKDIR/checkpoints/best, as `train.py` writes them: its best checkpoint's classifier, the
+student of a stage-2 run), e.g. to pretrain on one endoscopy data set and fine-tune on another. Every backbone
 variable comes from it; the head (`fc`), whose classes are the project's, keeps its random initialisation.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import traverse_util
 
 from pagkd_jax import checkpointing
@@ -60,18 +63,62 @@ def save(out_dir: str, variables: dict, info: dict[str, Any]) -> None:
 def read_info(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, INFO_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{directory} is not an imported-weights folder: it has no {INFO_FILE} (write one with "
-                            f"`python -m pagkd_jax.tools.import_weights --input FILE --output {directory}`).")
+    raise FileNotFoundError(f"{directory} is neither an imported-weights folder (it has no {INFO_FILE}; write one "
+                            f"with `python -m pagkd_jax.tools.import_weights --input FILE --output {directory}`) nor "
+                            f"a training workdir (it has no config.json).")
   with open(path) as f:
     return json.load(f)
 
 
+def is_workdir(directory: str) -> bool:
+  """Whether `directory` is a training workdir (it has the config.json that `train.py` writes)."""
+  return os.path.isfile(os.path.join(directory, "config.json"))
+
+
+def read_workdir_config(workdir: str) -> dict:
+  with open(os.path.join(workdir, "config.json")) as f:
+    return json.load(f)
+
+
+def normalization_of(init_from: str) -> str:
+  """The input normalisation the weights of `init_from` were trained with (a workdir's data.normalization)."""
+  if os.path.isdir(init_from) and is_workdir(init_from):
+    return read_workdir_config(init_from)["data"]["normalization"]
+  return NORMALIZATION
+
+
+def load_workdir(workdir: str, model_name: str) -> dict:
+  """The backbone (params and BatchNorm statistics, without `fc`) of the best checkpoint of the run in `workdir`.
+
+  Raises:
+    ValueError: the run trained another architecture than `model_name` (both named).
+    FileNotFoundError: the workdir has no best checkpoint.
+  """
+  architecture = read_workdir_config(workdir)["model"]["name"]
+  if architecture != model_name:
+    raise ValueError(f"config.model.init_from={workdir} is a training workdir of a {architecture} model (its "
+                     f"config.json) but config.model.name is {model_name!r}; set --config.model.name={architecture} "
+                     f"or start from a {model_name} run.")
+  step = checkpointing.best_checkpoint_step(workdir)
+  if step is None:
+    raise FileNotFoundError(f"config.model.init_from={workdir} is a training workdir without a best checkpoint (no "
+                            f"{os.path.join(workdir, 'checkpoints', 'best')}/<step>): train it first, with validation.")
+  variables = checkpointing.read_best_variables(workdir, step)
+  logging.info("Backbone: the best checkpoint (step %d) of the %s run in %s", step,
+               read_workdir_config(workdir).get("stage"), workdir)
+  return {"params": {k: v for k, v in variables["params"].items() if k != "fc"},
+          "batch_stats": variables["batch_stats"]}
+
+
 def load(init_from: str, model_name: str) -> dict:
-  """Backbone variables for model preset `model_name` from `init_from` (an imported folder or a weights file).
+  """Backbone variables for model preset `model_name` from `init_from` (an imported folder, a weights file or a
+  training workdir).
 
   Raises:
     ValueError: the weights are of another architecture than `model_name` (both named).
   """
+  if os.path.isdir(init_from) and is_workdir(init_from):
+    return load_workdir(init_from, model_name)
   if os.path.isdir(init_from):
     architecture = read_info(init_from)["architecture"]
     variables = checkpointing.restore_numpy(os.path.join(init_from, VARIABLES_DIR)) if architecture == model_name else None

@@ -55,6 +55,17 @@ def make_classifier_update(model, tx, *, modality: str, normalization: str) -> C
   return update
 
 
+def init_classifier(model, rng, config, backbone=None) -> dict:
+  """The classifier's {"params", "batch_stats"} before training: random from `rng`, every variable that `backbone`
+  (pretrained variables, all but the head) holds replaced by it. Every stage starts its classifier (teacher,
+  baseline, stage-2 student) here, so the same seed gives the WLI baseline and the student the same start."""
+  size = config.data.image_size
+  variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+  if backbone is not None:
+    variables = pretrained.overlay(variables, backbone)
+  return variables
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassifierProgram:
   """What `trainer.run_stage` trains for the teacher and baseline stages: the ResNet alone."""
@@ -67,12 +78,8 @@ class ClassifierProgram:
     return (self.modality,)
 
   def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
-    """Random initialisation; `backbone`: pretrained variables (all but the head) that replace it."""
-    size = config.data.image_size
-    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
-    if backbone is not None:
-      variables = pretrained.overlay(variables, backbone)
-    return create_train_state(variables, tx)
+    """`init_classifier`; `backbone`: pretrained variables (all but the head) that replace the random ones."""
+    return create_train_state(init_classifier(model, rng, config, backbone), tx)
 
   def make_update(self, model, tx, config, steps_per_epoch: int) -> Callable:
     del steps_per_epoch  # No schedule of its own beyond the optimiser's.

@@ -3,7 +3,9 @@
 The teacher runs in inference mode (BatchNorm running statistics) under stop_gradient; its variables are an
 input of the update, never trained, never donated and not checkpointed with the student. The student, its head
 and the distillation heads share one optimiser. Distillation starts after `distill.warmup_epochs` of
-cross-entropy only (a `lax.cond`, so the warm-up does not pay for it).
+cross-entropy only (a `lax.cond`, so the warm-up does not pay for it). Until then the heads get no gradient, and,
+as torch's Adam does with such parameters, the optimiser leaves them and their Adam state untouched (the
+optimiser's `gated_params`, see `optimizer.make_optimizer`).
 """
 
 import copy
@@ -21,7 +23,6 @@ from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import pagkd
-from pagkd_jax.models import pretrained
 from pagkd_jax.training import classifier_step
 from pagkd_jax.training.classifier_step import flatten_groups, group_labels
 from pagkd_jax.training.train_state import TrainState
@@ -32,6 +33,10 @@ def unflatten_groups(x: jax.Array, num_classes: int) -> jax.Array:
   return jnp.swapaxes(x.reshape((-1, num_classes) + x.shape[1:]), 0, 1)
 
 
+# Folded into the run's key for the distillation heads' initialisation; the student uses the key itself.
+HEADS_KEY_TAG = 1
+
+
 def make_heads(config, num_classes: int) -> pagkd.DistillationHeads:
   from pagkd_jax.models.resnet import DTYPES
   return pagkd.DistillationHeads(config.distill, num_classes, dtype=DTYPES[config.model.dtype])
@@ -39,18 +44,19 @@ def make_heads(config, num_classes: int) -> pagkd.DistillationHeads:
 
 @dataclasses.dataclass(frozen=True)
 class PaGKDProgram:
-  """What `trainer.run_stage` trains in stage "pagkd". `frozen` = (teacher variables,)."""
+  """What `trainer.run_stage` trains in stage "pagkd". `frozen` = (teacher variables,). `gated_params`: the
+  parameter groups the optimiser updates only while distillation is on (`optimizer.make_optimizer`)."""
 
   frozen: tuple
   modalities: tuple = ("wli", "nbi")
+  gated_params: tuple = ("heads",)
 
   def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
-    """Random student and heads; `backbone`: pretrained student variables (all but the head) that replace it."""
+    """The student exactly as the baseline starts (`classifier_step.init_classifier` from `rng`, with `backbone`:
+    pretrained variables, all but the head, that replace it); the distillation heads from a key folded from `rng`."""
     size, num_classes, k = config.data.image_size, len(config.data.classes), config.data.group_size
-    student_rng, heads_rng = jax.random.split(rng)
-    student = model.init(student_rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
-    if backbone is not None:
-      student = pretrained.overlay(student, backbone)
+    student = classifier_step.init_classifier(model, rng, config, backbone)
+    heads_rng = jax.random.fold_in(rng, HEADS_KEY_TAG)
     _, features = jax.eval_shape(lambda: model.apply(student, jnp.zeros((1, size, size, 3)), train=False))
     _, h, w, f = features.shape
     groups = num_classes * k if config.distill.level == "image" else num_classes
@@ -102,7 +108,7 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
   pagkd.check_config(d)
   lambda_pro = pagkd.resolved(d, "lambda_pro") if d.use_pro else 0.0
   lambda_den = d.lambda_den if d.use_den else 0.0
-  warmup_steps = int(round(d.warmup_epochs * steps_per_epoch))
+  warmup_steps = experiment.distillation_warmup_steps(config, steps_per_epoch)
   normalization = config.data.normalization
   pairing_key = jax.random.key(config.seed + 1)
   region_key = jax.random.key(config.seed + 2)
@@ -177,13 +183,22 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
 
 
 def make_pagkd_update(model, heads, tx, config, steps_per_epoch: int) -> Callable:
-  """update(state, batch, teacher) -> (state, metrics): one optimiser step of `make_pagkd_loss`."""
+  """update(state, batch, teacher) -> (state, metrics): one optimiser step of `make_pagkd_loss`.
+
+  The update passes `gated_on` (distillation on at this step) to `tx`, so an optimiser built with
+  `gated_params=("heads",)` leaves the heads untouched while they get no gradient (any other `tx` ignores it).
+  """
   loss_fn = make_pagkd_loss(model, heads, config, steps_per_epoch)
+  d = config.distill
+  heads_trained = bool((d.use_pro and pagkd.resolved(d, "lambda_pro")) or (d.use_den and d.lambda_den))
+  heads_from = int(round(d.warmup_epochs * steps_per_epoch))  # As make_pagkd_loss's warm-up.
+  tx = optax.with_extra_args_support(tx)
 
   def update(state: TrainState, batch, teacher):
     (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, state.step, batch, teacher)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    heads_on = jnp.logical_and(heads_trained, state.step >= heads_from)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, gated_on=heads_on)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **terms,
                "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}

@@ -77,6 +77,16 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return max(1, math.ceil(config.train.epochs * steps_per_epoch))
 
 
+def selectable_as_best(config, step: int, num_steps: int, steps_per_epoch: int) -> bool:
+  """Whether the validation of `step` may choose the best checkpoint. With `train.select_after_warmup`, a stage-2
+  run chooses among the steps after its cross-entropy warm-up (those with distillation on, where a loss is on); the
+  control with both losses off chooses among the same steps, so it is compared with the distilling arms on equal
+  terms. The last step always may, so every run has a best checkpoint."""
+  if step == num_steps or config.stage != "pagkd" or not config.train.select_after_warmup:
+    return True
+  return step > experiment.distillation_warmup_steps(config, steps_per_epoch)
+
+
 def validate(predict_fn, variables, records, classes, config, mesh) -> dict:
   """Validation metrics (AUC, accuracy, macro F1) of `variables` on `records`."""
   probs = inference.predict_records(predict_fn, variables, records, image_size=config.data.image_size,
@@ -104,9 +114,10 @@ def initial_state(config, program, model, tx, mesh, load_backbone: bool = True):
   if config.model.init_from and load_backbone:
     backbone = pretrained.load(config.model.init_from, config.model.name)
     logging.info("Backbone initialised from %s", config.model.init_from)
-    if config.data.normalization != pretrained.NORMALIZATION:
-      logging.warning("config.data.normalization=%r but the imported weights were trained on %r-normalised "
-                      "inputs.", config.data.normalization, pretrained.NORMALIZATION)
+    trained_on = pretrained.normalization_of(config.model.init_from)
+    if config.data.normalization != trained_on:
+      logging.warning("config.data.normalization=%r but the weights of %s were trained on %r-normalised inputs.",
+                      config.data.normalization, config.model.init_from, trained_on)
   elif not config.model.init_from and config.model.name in torchvision_layout.IMPORTABLE:
     logging.warning("Training %s from random weights (config.model.init_from is empty); the paper starts from "
                     "ImageNet weights: see the README, 'ImageNet weights'.", config.model.name)
@@ -121,6 +132,7 @@ def run_stage(config, workdir: str, program) -> dict:
   `program.modalities`: the modalities its batches hold; `program.init_state(model, tx, rng, config, backbone)`;
   `program.make_update(model, tx, config, steps_per_epoch)` -> pure update(state, batch, *frozen) -> (state, metrics);
   `program.frozen`: extra inputs of the update that are never trained, donated or checkpointed (a teacher);
+  `program.gated_params` (optional): parameter groups its optimiser updates only when the update says so;
   `program.eval_variables(state)`: the {"params", "batch_stats"} of the classifier that is evaluated.
   """
   workdir = os.path.abspath(workdir)
@@ -162,7 +174,8 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
                num_steps, mesh.devices.size)
 
   model = experiment.build_model(config)
-  tx = optimizer_lib.make_optimizer(config.optim, num_steps, steps_per_epoch)
+  tx = optimizer_lib.make_optimizer(config.optim, num_steps, steps_per_epoch,
+                                    gated_params=getattr(program, "gated_params", ()))
   replicated = mesh_lib.replicated(mesh)
   state = initial_state(config, program, model, tx, mesh, load_backbone=not resuming)
 
@@ -238,7 +251,11 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
       log.write(step, {f"val/{k}": v for k, v in val.items() if v is not None})
       logging.info("step %d validation: %s", step, json.dumps(val))
       best = meta["best_val_auc"]
-      if val["auc"] is not None and (best is None or val["auc"] > best):
+      selectable = selectable_as_best(config, step, num_steps, steps_per_epoch)
+      if not selectable:
+        logging.info("step %d is in the distillation warm-up: not eligible as the best checkpoint "
+                     "(config.train.select_after_warmup).", step)
+      if selectable and val["auc"] is not None and (best is None or val["auc"] > best):
         meta = {"best_val_auc": float(val["auc"]), "best_step": step}
         ckpts.save_best(step, variables, val["auc"])
     if save_now:
