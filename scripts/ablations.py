@@ -343,7 +343,7 @@ def aggregate(records: list[dict], reference_arms=REFERENCE_ARMS) -> dict:
                             for k in names}
     for reference in reference_arms:
       ref = by_arm.get(reference)
-      if ref is None or arm in (reference, "teacher"):
+      if ref is None or arm == reference or runs[0].get("stage", getattr(ARMS.get(arm), "stage", None)) == "teacher":
         continue
       common = sorted(set(seeds) & set(ref))
       if common:

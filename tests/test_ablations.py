@@ -193,6 +193,8 @@ def test_criteria_from_the_paired_differences_to_the_control():
       in lines[0]
   assert lines[2].startswith("- **FAIL** negative control <= control + 1 std") and "neg_random_regions" in lines[2]
   # Without the control nothing can be judged; one seed gives no std.
+  teachers = _criteria_records({"teacher_shuffled": (0.6, 0.5, 0.55, 0.5)}) + _criteria_records()
+  assert "minus_no_distill" not in ablations.aggregate(teachers)["teacher_shuffled"]  # NBI: no paired difference.
   alone = ablations.criteria(ablations.aggregate(_criteria_records({"pro_den_paper": (0.8,)})))
   assert alone == [{**alone[0], "pass": None, "n": 0}]
   assert "NOT EVALUABLE" in ablations.criteria_lines(alone)
