@@ -60,6 +60,7 @@ def get_config(arg: str | None = None):
   config.train.log_every_steps = 20
   config.train.eval_every_steps = 50
   config.train.checkpoint_every_steps = 50
+  config.train.log_grad_norms = True  # The benchmark's diagnostics: gradients L_pro / L_den send into layer4.
   # As configs/synthetic.py (chosen there for a from-scratch student); with 108 WLI training images an epoch is 5
   # steps, so the cross-entropy warm-up is the first 100 of the 600 steps.
   config.distill.warmup_epochs = 20.0

@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   # on any error. True: missing, unreadable, undecodable or too small files are left out instead (the other images
   # keep their split) and listed in WORKDIR/skipped_files.csv; manifest and data-set errors still stop training.
   data.skip_bad_files = False
+  # Negative control: permute the labels of the training images (within each modality, a fixed permutation per
+  # config.seed); validation and test labels are untouched, so a model trained on them scores near chance.
+  data.shuffle_train_labels = False
   data.image_size = 448
   data.group_size = 8  # N_c: images of every class, per modality, in every training batch.
   data.eval_batch_size = 32  # Fixed; the last batch is padded and masked.
@@ -100,6 +103,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.select_after_warmup = True
   train.checkpoint_every_steps = 200
   train.keep_latest = 1
+  # Stage 2: log the norms of the gradients that CE, L_pro and L_den send into the student's layer4 map
+  # (train/diag/grad_*_layer4); two extra backward passes through the distillation heads per step (tiny model on
+  # CPU: +9 % step time, +60 % compile time), so off unless a study needs it (configs/transfer.py turns it on).
+  # Logging only: the update is the same either way.
+  train.log_grad_norms = False
   train.on_nonfinite = "stop"  # A NaN/inf loss term: "stop" (error naming step and term) or "skip" the update.
 
   # ---- evaluation --------------------------------------------------------------------------------
@@ -137,6 +145,11 @@ def get_config() -> ml_collections.ConfigDict:
   d.par_downscale = 2
   d.par_temperature = 0.3
   d.par_pos_weight = 0.0  # 0 as the release; ToCo/AFA's PAR uses 0.01.
+  # Negative controls (distillation that must not help). Teacher groups given the wrong class: the WLI group of
+  # class c is distilled from the NBI group of class (c + shift) mod C (GKD-Pro and GKD-Den); 0 = the method.
+  d.teacher_class_shift = 0
+  d.region_labels = "cam_par"  # "cam_par" (spec 5.1-5.3) or "random" (negative control: i.i.d. labels per position).
+  d.random_region_fractions = (1 / 3, 1 / 3, 1 / 3)  # Probabilities of lesion, background, ambiguous ("random").
   return config
 
 

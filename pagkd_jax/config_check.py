@@ -217,6 +217,7 @@ RULES: list[Rule] = [
     number("data.val_fraction", minimum=0, below=1),
     number("data.split_seed", integer=True, minimum=0),
     flag("data.skip_bad_files"),
+    flag("data.shuffle_train_labels"),
     number("data.image_size", integer=True, minimum=32),
     number("data.group_size", integer=True, minimum=1),
     Rule(("data.group_size", "devices", "processes"), _group_size_fits,
@@ -286,6 +287,7 @@ RULES: list[Rule] = [
     number("train.keep_latest", integer=True, minimum=1),
     choice("train.on_nonfinite", nonfinite.MODES),
     flag("train.select_after_warmup"),
+    flag("train.log_grad_norms"),
     # evaluation
     number("eval.bootstrap_samples", integer=True, minimum=0),
     number("eval.num_cam_images", integer=True, minimum=0),
@@ -323,6 +325,11 @@ RULES: list[Rule] = [
     number("distill.par_downscale", integer=True, minimum=1),
     number("distill.par_temperature", above=0),
     number("distill.par_pos_weight", minimum=0),
+    number("distill.teacher_class_shift", integer=True),
+    choice("distill.region_labels", pagkd.REGION_LABEL_SOURCES),
+    Rule("distill.random_region_fractions", lambda f: is_sequence(f) and len(f) == 3
+         and all(in_range(x, minimum=0) for x in f) and sum(f) > 0,
+         "three numbers >= 0 with a positive sum (lesion, background, ambiguous)"),
 ]
 
 

@@ -51,7 +51,8 @@ def load_split_data(config, workdir: str | None = None, *, skipped_files_of: str
   Given a `workdir` (training), every image is checked first (`validate.check_records`): on errors this raises
   `validate.DataCheckError` listing all of them, unless every error is a bad file and
   `config.data.skip_bad_files` is set; then the bad files are dropped (the other images keep their split), listed
-  in WORKDIR/skipped_files.csv, and WORKDIR/splits.csv is written. Without a workdir (evaluation) nothing is
+  in WORKDIR/skipped_files.csv, and WORKDIR/splits.csv is written (with the training labels the run uses:
+  permuted with `config.data.shuffle_train_labels`). Without a workdir (evaluation) nothing is
   decoded; `skipped_files_of` names a training workdir whose skipped_files.csv lists records to leave out.
   """
   data = config.data
@@ -75,6 +76,9 @@ def load_split_data(config, workdir: str | None = None, *, skipped_files_of: str
       skipped = validate.read_skipped_files(os.path.join(skipped_files_of, validate.SKIPPED_FILES_NAME))
       kept = [(r, s) for r, s in zip(records, splits) if (r.path, r.record_index) not in skipped]
       records, splits = [r for r, _ in kept], [s for _, s in kept]
+  if data.get("shuffle_train_labels", False):  # Negative control; validation and test labels stay true.
+    records = splits_lib.shuffle_train_labels(records, splits, config.seed)
+    logging.warning("data.shuffle_train_labels: the training labels are permuted (seed %d).", config.seed)
   result = SplitData(classes, tuple(records), tuple(splits))
   for split in splits_lib.SPLITS:
     counts = {m: len(result.select(split, m)) for m in ("wli", "nbi")}

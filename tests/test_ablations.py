@@ -127,6 +127,109 @@ def test_epoch_scaling_and_teacher_reuse(tmp_path):
   assert "--config.stage=teacher" in teacher and not any("teacher.workdir" in a for a in teacher)
 
 
+def test_arm_sets_teachers_presets_and_pretraining(tmp_path):
+  names = lambda arms: [a.name for a in arms]
+  assert names(ablations.resolve_arms(["ablations"])) == list(ablations.ARM_SETS["ablations"])
+  assert names(ablations.resolve_arms(["pro_only"])) == ["teacher", "pro_only"]
+  arms = names(ablations.resolve_arms(["neg_shuffled_teacher", "baseline", "baseline"]))
+  assert arms == ["teacher_shuffled", "neg_shuffled_teacher", "baseline"]  # Its own teacher; no duplicates.
+  transfer = names(ablations.resolve_arms(["transfer"]))
+  assert sorted(transfer) == sorted(ablations.ARMS) and transfer[:2] == ["teacher", "teacher_shuffled"]
+  with pytest.raises(ValueError, match="Unknown arm 'nope'"):
+    ablations.resolve_arms(["pro_only", "nope"])
+
+  arms = ablations.resolve_arms(["baseline", "oracle"])
+  presets = ablations.arm_presets(arms, "configs/transfer.py", [])
+  assert presets == {"baseline": "configs/transfer.py", "oracle": "configs/transfer.py:oracle"}
+  presets = ablations.arm_presets(arms, "configs/transfer.py:smoke", [])
+  assert presets == {"baseline": "configs/transfer.py:smoke", "oracle": "configs/transfer.py:oracle,smoke"}
+  assert ablations.load_preset(presets["oracle"]).stage == "baseline"  # The preset accepts the combination.
+  presets = ablations.arm_presets(arms, "configs/transfer.py", ["baseline=configs/synthetic.py:smoke"])
+  assert presets == {"baseline": "configs/synthetic.py:smoke", "oracle": "configs/transfer.py:oracle"}
+  for bad in ("baseline", "nope=configs/x.py", "baseline="):
+    with pytest.raises(ValueError, match="--arm_config"):
+      ablations.arm_presets(arms, "configs/transfer.py", [bad])
+
+  pretrain = tmp_path / "seed1" / "pretrain"
+  args = ablations.train_args(ablations.ARMS["neg_shuffled_teacher"], 1, tmp_path, "configs/transfer.py", [],
+                              init_from=pretrain)
+  assert f"--config.teacher.workdir={tmp_path / 'seed1' / 'teacher_shuffled'}" in args
+  assert args[-1] == f"--config.model.init_from={pretrain}"
+  teacher = ablations.train_args(ablations.ARMS["teacher_shuffled"], 1, tmp_path, "configs/transfer.py", [],
+                                 init_from=pretrain)
+  assert "--config.data.shuffle_train_labels=True" in teacher and "--config.stage=teacher" in teacher
+  assert not any("init_from" in a for a in ablations.train_args(ablations.ARMS["baseline"], 1, tmp_path, "c.py", []))
+  assert ablations.pretrain_args(1, tmp_path, "configs/transfer.py:pretrain", ["--x=1"]) == [
+      "--config=configs/transfer.py:pretrain", f"--workdir={pretrain}", "--config.seed=1", "--x=1"]
+  for arm in ("neg_permuted_groups", "neg_random_regions", "neg_shuffled_teacher"):
+    assert ablations.ARMS[arm].negative_control and ablations.ARMS[arm].stage == "pagkd"
+
+
+# Test AUC per seed of the arms the criteria read.
+_CRITERIA_AUC = {"no_distill": (0.70, 0.74, 0.69, 0.72), "pro_den_paper": (0.76, 0.79, 0.75, 0.80),
+                 "neg_permuted_groups": (0.71, 0.73, 0.70, 0.74), "neg_random_regions": (0.75, 0.78, 0.72, 0.75)}
+
+
+def _criteria_records(arms=_CRITERIA_AUC):
+  return [{"arm": arm, "seed": s, "train_s": 1.0, "eval_s": 1.0, "test": {"auc": auc, "accuracy": 0.5, "f1_macro": 0.5}}
+          for arm, values in arms.items() for s, auc in enumerate(values)]
+
+
+def test_criteria_from_the_paired_differences_to_the_control():
+  results = ablations.criteria(ablations.aggregate(_criteria_records()))
+  assert [c["arm"] for c in results] == ["pro_den_paper", "neg_permuted_groups", "neg_random_regions"]
+  control = np.array(_CRITERIA_AUC["no_distill"])
+  for c in results:
+    diff = np.array(_CRITERIA_AUC[c["arm"]]) - control
+    np.testing.assert_allclose([c["mean"], c["std"]], [diff.mean(), diff.std(ddof=1)], rtol=1e-12)
+    assert c["n"] == 4
+  paper, permuted, random_regions = results
+  assert paper["bound"] == pytest.approx(2 * paper["std"]) and paper["pass"] is True  # 0.0625 > 2 * 0.0126.
+  assert permuted["pass"] is True  # Mean 0.0075 <= std 0.0150.
+  assert random_regions["pass"] is False  # Mean 0.0375 > std 0.0171: a control that helps.
+  lines = ablations.criteria_lines(results).splitlines()
+  assert lines[0].startswith("- **PASS** PaGKD (paper) minus control > 2 x std")
+  assert f"mean difference {paper['mean']:+.4f}, std {paper['std']:.4f}, bound {2 * paper['std']:.4f}, 4 seeds" \
+      in lines[0]
+  assert lines[2].startswith("- **FAIL** negative control <= control + 1 std") and "neg_random_regions" in lines[2]
+  # Without the control nothing can be judged; one seed gives no std.
+  teachers = _criteria_records({"teacher_shuffled": (0.6, 0.5, 0.55, 0.5)}) + _criteria_records()
+  assert "minus_no_distill" not in ablations.aggregate(teachers)["teacher_shuffled"]  # NBI: no paired difference.
+  alone = ablations.criteria(ablations.aggregate(_criteria_records({"pro_den_paper": (0.8,)})))
+  assert alone == [{**alone[0], "pass": None, "n": 0}]
+  assert "NOT EVALUABLE" in ablations.criteria_lines(alone)
+  one_seed = {a: v[:1] for a, v in _CRITERIA_AUC.items()}
+  assert all(c["pass"] is None for c in ablations.criteria(ablations.aggregate(_criteria_records(one_seed))))
+
+
+def test_diagnostics_from_metrics_and_report(tmp_path):
+  rows = [{"step": 1, "train/distill_on": 0.0, "train/diag/grad_cls_layer4": 9.0},
+          {"step": 2, "train/distill_on": 1.0, "train/diag/grad_cls_layer4": 1.0, "train/diag/grad_pro_layer4": 0.5,
+           "train/diag/token_norm_wli": 2.0},
+          {"step": 3, "train/distill_on": 1.0, "train/diag/grad_cls_layer4": 3.0, "train/diag/grad_pro_layer4": 0.25,
+           "train/diag/token_norm_wli": None},
+          {"step": 3, "val/auc": 0.7}]
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  report = {"region_agreement": {"model": {"lesion_iou": 0.4, "disc_recall": 0.5, "false_lesion_fraction": None},
+                                 "teacher": {"lesion_iou": 0.6, "disc_recall": 0.7, "false_lesion_fraction": 0.1}}}
+  diag = ablations.diagnostics_summary(path, report)
+  assert diag == {"grad_cls_layer4": 2.0, "grad_pro_layer4": 0.375, "token_norm_wli": 2.0,
+                  "region/model_lesion_iou": 0.4, "region/model_disc_recall": 0.5, "region/teacher_lesion_iou": 0.6,
+                  "region/teacher_disc_recall": 0.7, "region/teacher_false_lesion_fraction": 0.1}
+  assert ablations.diagnostics_summary(tmp_path / "missing.jsonl", {}) == {}
+  records = _criteria_records({"pro_den_paper": (0.8, 0.7)})
+  records[0]["diagnostics"] = {"grad_pro_layer4": 0.5, "region/model_lesion_iou": 0.2}
+  records[1]["diagnostics"] = {"grad_pro_layer4": 0.3}
+  entry = ablations.aggregate(records)["pro_den_paper"]["diagnostics"]
+  np.testing.assert_allclose([entry["grad_pro_layer4"]["mean"], entry["grad_pro_layer4"]["std"]],
+                             [0.4, np.std([0.5, 0.3], ddof=1)], rtol=1e-12)
+  assert entry["region/model_lesion_iou"]["n"] == 1
+  table = ablations.diagnostics_table(ablations.aggregate(records))
+  assert "grad_pro_layer4" in table.splitlines()[0] and "0.4000 ± 0.1414" in table
+  assert ablations.diagnostics_table(ablations.aggregate(_criteria_records())) == ""
+
+
 def test_runner_trains_teacher_once_reuses_it_and_skips_finished_runs(tmp_path):
   """A real two-run ablation (the seed's teacher, then one student arm) in seconds, then a rerun that trains
   nothing."""
@@ -137,7 +240,7 @@ def test_runner_trains_teacher_once_reuses_it_and_skips_finished_runs(tmp_path):
       "--config.data.image_size=32", "--config.data.group_size=4", "--config.data.eval_batch_size=16",
       "--config.train.num_steps=3", "--config.train.log_every_steps=1", "--config.train.eval_every_steps=3",
       "--config.train.checkpoint_every_steps=3", "--config.distill.warmup_epochs=0",
-      "--config.eval.bootstrap_samples=10", "--config.eval.num_cam_images=1",
+      "--config.eval.bootstrap_samples=10", "--config.eval.num_cam_images=1", "--config.train.log_grad_norms=True",
   ]
   cmd = [sys.executable, "scripts/ablations.py", f"--root={root}", "--seeds=0", "--arms=pro_only",
          "--config=configs/synthetic.py:smoke", *[f"--override={o}" for o in overrides]]
@@ -155,9 +258,17 @@ def test_runner_trains_teacher_once_reuses_it_and_skips_finished_runs(tmp_path):
   report = json.loads((root / "seed0" / "pro_only" / "eval" / "metrics.json").read_text())
   assert student["test"]["auc"] == report["auc"] and student["test"]["modality"] == "wli"
   assert student["curve"]["loss_pro_first"] > 0  # Distillation ran (warm-up 0) and was logged.
+  diag = student["diagnostics"]  # Gradient and token norms while distilling; region agreement at test time.
+  assert diag["grad_pro_layer4"] > 0 and diag["token_norm_wli"] > 0 and diag["token_norm_nbi"] > 0
+  assert "grad_den_layer4" not in diag or diag["grad_den_layer4"] == 0
+  assert set(report["region_agreement"]) == {"model", "teacher"}
+  assert report["region_agreement"]["teacher"]["n_images"] > 0
+  assert report["region_agreement"]["model"]["n_images"] == report["n_images"]
+  assert diag["region/model_lesion_iou"] == report["region_agreement"]["model"]["lesion_iou"]
 
   result = json.loads((root / "ablations.json").read_text())
   assert set(result["summary"]) == {"teacher", "pro_only"}
+  assert [c["pass"] for c in result["criteria"]] == [None]  # No control, no PaGKD (paper) arm: not evaluable.
   assert result["summary"]["pro_only"]["auc"]["mean"] == report["auc"]
   assert "`pro_only`" in (root / "ablations.md").read_text()
 

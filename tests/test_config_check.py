@@ -46,6 +46,7 @@ BROKEN = [
     ({"data.val_fraction": 1.0}, ["data.val_fraction=1.0: expected a number in [0, 1)"]),
     ({"data.split_seed": -2}, ["data.split_seed=-2: expected an integer >= 0"]),
     ({"data.skip_bad_files": 1}, ["data.skip_bad_files=1: expected True or False"]),
+    ({"data.shuffle_train_labels": "yes"}, ["data.shuffle_train_labels='yes': expected True or False"]),
     ({"data.image_size": 16}, ["data.image_size=16: expected an integer >= 32"]),
     ({"data.image_size": 64.0}, ["data.image_size=64.0: expected an integer >= 32"]),
     ({"data.group_size": 0}, ["data.group_size=0: expected an integer >= 1"]),
@@ -131,6 +132,7 @@ BROKEN = [
     ({"train.keep_latest": 0}, ["train.keep_latest=0: expected an integer >= 1"]),
     ({"train.on_nonfinite": "ignore"}, ["train.on_nonfinite='ignore': expected one of 'stop', 'skip'"]),
     ({"train.select_after_warmup": 1}, ["train.select_after_warmup=1: expected True or False"]),
+    ({"train.log_grad_norms": 0}, ["train.log_grad_norms=0: expected True or False"]),
     ({"eval.bootstrap_samples": -1}, ["eval.bootstrap_samples=-1: expected an integer >= 0"]),
     ({"eval.num_cam_images": -1}, ["eval.num_cam_images=-1: expected an integer >= 0"]),
     ({"teacher.workdir": "TMP/teacher"}, [
@@ -180,6 +182,14 @@ BROKEN = [
     ({"distill.par_downscale": 0}, ["distill.par_downscale=0: expected an integer >= 1"]),
     ({"distill.par_temperature": 0.0}, ["distill.par_temperature=0.0: expected a number > 0"]),
     ({"distill.par_pos_weight": -0.01}, ["distill.par_pos_weight=-0.01: expected a number >= 0"]),
+    ({"distill.teacher_class_shift": 0.5}, ["distill.teacher_class_shift=0.5: expected an integer"]),
+    ({"distill.region_labels": "cams"}, ["distill.region_labels='cams': expected one of 'cam_par', 'random'"]),
+    ({"distill.random_region_fractions": (0.5, 0.5)}, [
+        "distill.random_region_fractions=(0.5, 0.5): expected three numbers >= 0 with a positive sum (lesion, "
+        "background, ambiguous)"]),
+    ({"distill.random_region_fractions": (1.0, -0.5, 0.5)}, [
+        "distill.random_region_fractions=(1.0, -0.5, 0.5): expected three numbers >= 0 with a positive sum (lesion, "
+        "background, ambiguous)"]),
 ]
 
 # Edge values that are allowed.

@@ -14,6 +14,7 @@ data set with a fixed evaluation set or split sizes other than the folds' 64 : 1
 """
 
 import collections
+import dataclasses
 import warnings
 from collections.abc import Sequence
 
@@ -165,3 +166,22 @@ def split_records(records: Sequence[ImageRecord], data_config) -> list[str]:
     raise ValueError(f"data.splits must be one of {SPLIT_MODES}, got {mode!r}")
   return assign_splits(records, num_folds=data_config.num_folds, fold=data_config.fold,
                        val_fraction=data_config.val_fraction, seed=data_config.split_seed)
+
+
+def shuffle_train_labels(records: Sequence[ImageRecord], splits: Sequence[str], seed: int) -> list[ImageRecord]:
+  """Negative control: the labels of the "train" records permuted at random within each modality.
+
+  Every other record is returned unchanged, and each modality keeps its per-class counts (so class groups can
+  still be drawn). The permutation depends on `seed` and on the training records themselves (sorted by path and
+  record index), not on their order.
+  """
+  if len(records) != len(splits):
+    raise ValueError(f"shuffle_train_labels: {len(records)} records but {len(splits)} splits.")
+  shuffled = list(records)
+  for m, modality in enumerate(MODALITIES):
+    positions = [i for i, (r, s) in enumerate(zip(records, splits)) if s == "train" and r.modality == modality]
+    positions.sort(key=lambda i: (records[i].path, records[i].record_index))
+    permutation = np.random.default_rng([seed, m]).permutation(len(positions))
+    for i, j in zip(positions, permutation):
+      shuffled[i] = dataclasses.replace(records[i], label=records[positions[j]].label)
+  return shuffled

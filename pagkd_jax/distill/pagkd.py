@@ -4,6 +4,9 @@
 threshold); `DistillationHeads` holds every trainable part of stage 2 besides the student (the two 1x1
 embeddings, the prototype extractor, SRCA, the release's prototype classifier) and returns L_pro and L_den;
 `pair_images` builds the image-level ablation's groups.
+
+Negative controls (distillation a correct implementation must not let help): `random_region_labels` replaces
+the CAM/PAR labels by random ones, `shift_teacher_groups` gives every WLI group the NBI group of another class.
 """
 
 from typing import Any
@@ -19,6 +22,7 @@ from pagkd_jax.distill import relations
 from pagkd_jax.distill import srca
 from pagkd_jax.models.cam import class_activation_map
 
+REGION_LABEL_SOURCES = ("cam_par", "random")
 VARIANT_DEFAULTS = {"paper": {"lambda_pro": 1.0}, "release": {"lambda_pro": 1e-3}}
 LEVELS = ("group", "image")  # distill.level: PaGKD's class groups, or the image-level ablation.
 
@@ -37,6 +41,14 @@ def check_config(distill_config) -> None:
     raise ValueError(f"Unknown distill.level {d.level!r}; expected one of {LEVELS}.")
   if d.prototypes not in qformer.EXTRACTOR_KINDS:
     raise ValueError(f"Unknown distill.prototypes {d.prototypes!r}; expected one of {qformer.EXTRACTOR_KINDS}.")
+  if d.region_labels not in REGION_LABEL_SOURCES:
+    raise ValueError(f"Unknown distill.region_labels {d.region_labels!r}; expected one of {REGION_LABEL_SOURCES}.")
+  fractions = tuple(d.random_region_fractions)
+  if len(fractions) != 3 or min(fractions) < 0 or not sum(fractions) > 0:
+    raise ValueError(f"distill.random_region_fractions={fractions!r} must be three non-negative probabilities "
+                     "(lesion, background, ambiguous) with a positive sum.")
+  if not isinstance(d.teacher_class_shift, int):
+    raise ValueError(f"distill.teacher_class_shift must be an integer; got {d.teacher_class_shift!r}.")
 
 
 def region_labels(images: jax.Array, features: jax.Array, fc_kernel: jax.Array, labels: jax.Array,
@@ -49,13 +61,32 @@ def region_labels(images: jax.Array, features: jax.Array, fc_kernel: jax.Array, 
   Returns:
     (B, h, w) int8: 1 lesion, 0 background, -1 ambiguous.
   """
+  cams = class_activation_map(features, fc_kernel, labels)
+  return cam_region_labels(images, cams, distill_config)
+
+
+def cam_region_labels(images: jax.Array, cams: jax.Array, distill_config) -> jax.Array:
+  """Spec 5.2-5.3: CAMs (B, h, w) in [0, 1] of the images (B, H, W, 3) -> PAR -> dual threshold, (B, h, w) int8."""
   d = distill_config
-  cams = jax.lax.stop_gradient(class_activation_map(features, fc_kernel, labels))
+  cams = jax.lax.stop_gradient(cams)
   fg = par.pixel_adaptive_refinement(jax.lax.stop_gradient(images), cams, thresholds=tuple(d.thresholds),
                                      num_iters=d.par_iters, dilations=tuple(d.par_dilations),
                                      temperature=d.par_temperature, downscale=d.par_downscale,
                                      pos_weight=d.par_pos_weight)
   return relations.dual_threshold_labels(fg, tuple(d.thresholds))
+
+
+def random_region_labels(rng: jax.Array, shape: tuple[int, ...], fractions=(1 / 3, 1 / 3, 1 / 3)) -> jax.Array:
+  """Negative control for spec 5.1-5.3: every position independently lesion (1), background (0) or ambiguous
+  (-1) with probabilities `fractions` (normalised to sum 1); no image, CAM or PAR is read. -> `shape` int8."""
+  p = jnp.asarray(fractions, jnp.float32)
+  index = jax.random.choice(rng, 3, shape, p=p / jnp.sum(p))
+  return jnp.asarray([relations.LESION, relations.BACKGROUND, relations.AMBIGUOUS], jnp.int8)[index]
+
+
+def shift_teacher_groups(x_nbi: jax.Array, shift: int) -> jax.Array:
+  """Negative control: group c receives the NBI group (c + shift) mod G. x_nbi (G, ...) -> (G, ...)."""
+  return jnp.roll(x_nbi, -shift, axis=0)
 
 
 def pair_images(x_nbi: jax.Array, rng: jax.Array) -> jax.Array:
@@ -64,6 +95,11 @@ def pair_images(x_nbi: jax.Array, rng: jax.Array) -> jax.Array:
   c, k = x_nbi.shape[:2]
   perms = jax.vmap(lambda r: jax.random.permutation(r, k))(jax.random.split(rng, c))  # (C, K)
   return jnp.take_along_axis(x_nbi, perms.reshape((c, k) + (1,) * (x_nbi.ndim - 2)), axis=1)
+
+
+def mean_token_norm(tokens: jax.Array) -> jax.Array:
+  """Mean over all positions of the L2 norm of the d-dimensional tokens (..., d): a shrinkage diagnostic."""
+  return jax.lax.stop_gradient(jnp.mean(jnp.linalg.norm(tokens.astype(jnp.float32), axis=-1)))
 
 
 class DistillationHeads(nn.Module):
@@ -89,7 +125,8 @@ class DistillationHeads(nn.Module):
       group_labels: (G,) class of each group.
       regions_wli, regions_nbi: (G, K, h, w) int8 region labels (only read by GKD-Den).
     Returns:
-      {"loss_pro", "loss_den"} scalars (0 for a disabled term) and diagnostics.
+      {"loss_pro", "loss_den"} scalars (0 for a disabled term) and diagnostics, among them the mean L2 norm of
+      the student's and the teacher-side group tokens ("diag/token_norm_wli", "diag/token_norm_nbi").
     """
     d = self.distill
     release = d.variant == "release"
@@ -105,7 +142,8 @@ class DistillationHeads(nn.Module):
     # The release sums its per-class terms; with C * K image-level groups of one, a class's term is the mean over
     # its K groups, hence the factor C / G (1 at the group level).
     per_class = self.num_classes / f_student.shape[0]
-    out = {"loss_pro": jnp.zeros((), jnp.float32), "loss_den": jnp.zeros((), jnp.float32)}
+    out = {"loss_pro": jnp.zeros((), jnp.float32), "loss_den": jnp.zeros((), jnp.float32),
+           "diag/token_norm_wli": mean_token_norm(tokens_wli), "diag/token_norm_nbi": mean_token_norm(tokens_nbi)}
     if d.use_pro:
       extractor = qformer.make_prototype_extractor(
           d.prototypes, num_queries=d.num_queries, num_layers=d.qformer_layers, num_heads=d.qformer_heads,

@@ -1,5 +1,6 @@
 """Test-split evaluation of trained workdirs: metrics with lesion-bootstrap intervals, ROC, confusion matrix
-and CAM overlays. Several workdirs (the folds of a cross-validation) are also pooled into one report."""
+and CAM overlays (on synthetic data also the region labels' agreement with the true lesions). Several workdirs
+(the folds of a cross-validation) are also pooled into one report."""
 
 import csv
 import json
@@ -20,6 +21,7 @@ from pagkd_jax.data import image_io
 from pagkd_jax.evaluation import figures
 from pagkd_jax.evaluation import inference
 from pagkd_jax.evaluation import metrics as metrics_lib
+from pagkd_jax.evaluation import region_agreement
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -87,6 +89,8 @@ def evaluate_workdir(workdir: str, which: str = "best") -> dict:
   report.update({"workdir": workdir, "stage": config.stage, "modality": modality, "checkpoint": kind,
                  "checkpoint_step": int(step), "fold": int(config.data.fold),
                  **_distillation_record(workdir, config, data, kind, int(step))})
+  if config.data.synthetic.enabled:
+    report["region_agreement"] = _region_agreement(workdir, config, data, model, variables, test_records, which)
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, "eval")
     _write_report(out_dir, report, labels, probs, classes)
@@ -118,6 +122,34 @@ def _distillation_record(workdir: str, config, data, kind: str, step: int) -> di
                     "on): this stage-2 model never saw distillation. config.train.select_after_warmup=True restricts "
                     "the best checkpoint to distilled steps.", workdir, kind, step, warmup + 1)
   return {"distillation_on": on, "distillation_warmup_steps": warmup}
+
+
+def _restore_classifier(workdir: str, model, size: int, which: str):
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  abstract = checkpointing.abstract_like(dict(abstract), mesh_lib.replicated(mesh_lib.make_mesh()))
+  return checkpointing.restore_model_variables(workdir, abstract, which)
+
+
+def _region_agreement(workdir, config, data, model, variables, test_records, which) -> dict:
+  """Synthetic data: region labels of the evaluated model on its test images, and for a stage-2 run those of its
+  NBI teacher (best checkpoint) on the NBI test images, against the true lesion discs (region_agreement.py)."""
+  modality = experiment.stage_modality(config.stage)
+  result = {"model": {"modality": modality,
+                      **region_agreement.evaluate_region_agreement(model, variables, test_records, config)}}
+  if config.stage == "pagkd":
+    teacher_dir = config.teacher.workdir or os.path.join(workdir, "teacher")
+    nbi_test = data.select("test", "nbi")
+    if os.path.isdir(teacher_dir) and nbi_test:
+      teacher, _, _ = _restore_classifier(teacher_dir, model, config.data.image_size, "best")
+      result["teacher"] = {"modality": "nbi", "workdir": teacher_dir,
+                           **region_agreement.evaluate_region_agreement(model, teacher, nbi_test, config)}
+    else:
+      logging.warning("%s: no teacher in %s, or no NBI test image: teacher region agreement left out.", workdir,
+                      teacher_dir)
+  for who, entry in result.items():
+    logging.info("%s: %s region labels against the true lesions: IoU %s, disc recall %s, false lesion %s", workdir,
+                 who, entry["lesion_iou"], entry["disc_recall"], entry["false_lesion_fraction"])
+  return result
 
 
 def _write_cams(out_dir, model, variables, config, records, probs, classes) -> None:

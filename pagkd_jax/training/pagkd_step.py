@@ -76,12 +76,33 @@ class PaGKDProgram:
     return {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
 
 
+def layer4_gradient_norms(head_terms: Callable, s_features: jax.Array, weights: dict) -> dict:
+  """Diagnostics: the global L2 norm of the gradient that each weighted loss term sends into the student's
+  layer4 map f, ||weight * d term / d f|| over the whole (B, h, w, F) gradient, as "diag/grad_<name>_layer4".
+
+  `head_terms(f)` -> dict of scalar terms; `weights`: {term name: (short name, weight)}. The gradient is
+  stopped at f (nothing below layer4 is differentiated) and nothing of it reaches the training gradient.
+  """
+  names = list(weights)
+  f = jax.lax.stop_gradient(s_features)
+  values, pullback = jax.vjp(lambda x: [head_terms(x)[n] for n in names], f)
+  out = {}
+  for i, name in enumerate(names):
+    short, weight = weights[name]
+    (grad,) = pullback([jnp.ones_like(v) if j == i else jnp.zeros_like(v) for j, v in enumerate(values)])
+    out[f"diag/grad_{short}_layer4"] = weight * jnp.sqrt(jnp.sum(jnp.square(grad.astype(jnp.float32))))
+  return out
+
+
 def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
   """loss_fn(params, batch_stats, step, batch, teacher) -> (loss, (terms, new_batch_stats)).
 
   params = {"student", "heads"}; batch = {"wli", "nbi": (C, K, H, W, 3) uint8, "label": (C,)}; teacher =
   the frozen teacher's variables. L = CE + lambda_pro L_pro + lambda_den L_den (spec 6), distillation from
-  step `warmup_epochs * steps_per_epoch` on.
+  step `warmup_epochs * steps_per_epoch` on. Negative controls (config.distill): `region_labels="random"`
+  draws the region labels from the step's key instead of CAM + PAR; `teacher_class_shift` pairs each WLI
+  group with the NBI group of another class. With `train.log_grad_norms` the terms also hold the norms of the
+  gradients that CE, L_pro and L_den send into the student's layer4 map ("diag/grad_*_layer4").
   """
   d = config.distill
   pagkd.check_config(d)
@@ -90,6 +111,8 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
   warmup_steps = experiment.distillation_warmup_steps(config, steps_per_epoch)
   normalization = config.data.normalization
   pairing_key = jax.random.key(config.seed + 1)
+  region_key = jax.random.key(config.seed + 2)
+  log_grad_norms = config.train.log_grad_norms
 
   def loss_fn(params, batch_stats, step, batch, teacher):
     num_classes, k = batch["wli"].shape[:2]
@@ -101,17 +124,39 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
     t_kernel = jax.lax.stop_gradient(teacher["params"]["fc"]["kernel"])
 
     def distillation(params, s_features):
-      regions_wli = pagkd.region_labels(x_wli, s_features, params["student"]["fc"]["kernel"], labels, d)
-      regions_nbi = pagkd.region_labels(x_nbi, t_features, t_kernel, labels, d)
-      grouped = [unflatten_groups(a, num_classes) for a in (s_features, t_features, regions_wli, regions_nbi)]
+      if d.region_labels == "random":  # Negative control: no CAM, no PAR.
+        rng_wli, rng_nbi = jax.random.split(jax.random.fold_in(region_key, step))
+        fractions = tuple(d.random_region_fractions)
+        regions_wli = pagkd.random_region_labels(rng_wli, s_features.shape[:3], fractions)
+        regions_nbi = pagkd.random_region_labels(rng_nbi, t_features.shape[:3], fractions)
+      else:
+        regions_wli = pagkd.region_labels(x_wli, s_features, params["student"]["fc"]["kernel"], labels, d)
+        regions_nbi = pagkd.region_labels(x_nbi, t_features, t_kernel, labels, d)
+      teacher_side = [unflatten_groups(a, num_classes) for a in (t_features, regions_wli, regions_nbi)]
       g_labels = batch["label"]
+      if d.teacher_class_shift:  # Negative control: class c's WLI group meets the NBI group of class c + shift.
+        teacher_side[0] = pagkd.shift_teacher_groups(teacher_side[0], d.teacher_class_shift)
+        teacher_side[2] = pagkd.shift_teacher_groups(teacher_side[2], d.teacher_class_shift)
       if d.level == "image":  # Each WLI image with one random same-class NBI image: C * K groups of one.
         rng = jax.random.fold_in(pairing_key, step)
-        grouped[1] = pagkd.pair_images(grouped[1], rng)
-        grouped[3] = pagkd.pair_images(grouped[3], rng)
-        grouped = [a.reshape((num_classes * k, 1) + a.shape[2:]) for a in grouped]
+        teacher_side[0] = pagkd.pair_images(teacher_side[0], rng)
+        teacher_side[2] = pagkd.pair_images(teacher_side[2], rng)
         g_labels = jnp.repeat(batch["label"], k)
-      return heads.apply({"params": params["heads"]}, grouped[0], grouped[1], g_labels, grouped[2], grouped[3])
+      as_groups = ((lambda a: a.reshape((num_classes * k, 1) + a.shape[2:])) if d.level == "image"
+                   else (lambda a: a))
+      f_teacher, r_wli, r_nbi = (as_groups(a) for a in teacher_side)
+
+      def head_terms(heads_params, s_features):
+        f_student = as_groups(unflatten_groups(s_features, num_classes))
+        return heads.apply({"params": heads_params}, f_student, f_teacher, g_labels, r_wli, r_nbi)
+
+      terms = head_terms(params["heads"], s_features)
+      if log_grad_norms:
+        frozen_heads = jax.lax.stop_gradient(params["heads"])
+        weights = {"loss_pro": ("pro", lambda_pro), "loss_den": ("den", lambda_den)}
+        terms.update(layer4_gradient_norms(lambda f: head_terms(frozen_heads, f), s_features,
+                                           {k: v for k, v in weights.items() if v[1]}))  # Only terms that are on.
+      return terms
 
     (logits, s_features), new_vars = model.apply(
         {"params": params["student"], "batch_stats": batch_stats["student"]}, x_wli, train=True,
@@ -124,6 +169,11 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
                            params, s_features)
     else:
       terms = {"loss_pro": jnp.zeros(()), "loss_den": jnp.zeros(())}
+    if log_grad_norms:
+      fc = jax.lax.stop_gradient(params["student"]["fc"])
+      cls_of_features = lambda f: {"loss_cls": optax.softmax_cross_entropy_with_integer_labels(
+          jnp.mean(f.astype(jnp.float32), axis=(1, 2)) @ fc["kernel"] + fc["bias"], labels).mean()}
+      terms.update(layer4_gradient_norms(cls_of_features, s_features, {"loss_cls": ("cls", 1.0)}))
     loss = loss_cls + lambda_pro * terms["loss_pro"] + lambda_den * terms["loss_den"]
     terms = {"loss_cls": loss_cls, **terms, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
              "distill_on": (step >= warmup_steps).astype(jnp.float32)}

@@ -33,10 +33,10 @@ from pagkd_jax.training import preemption
 # Values a resumed run may change: how long it runs, how often it logs and saves, how it reads its data, where
 # its inputs now live. Any other difference would silently continue a different experiment.
 RESUMABLE_CHANGES = ("train.num_steps", "train.epochs", "train.log_every_steps", "train.eval_every_steps",
-                     "train.checkpoint_every_steps", "train.keep_latest", "train.on_nonfinite", "data.num_workers",
-                     "data.worker_buffer_size", "data.eval_batch_size", "data.skip_bad_files", "data.manifest",
-                     "data.root", "data.tfds_dir", "data.synthetic.out", "teacher.workdir", "model.init_from",
-                     "model.conv_impl", "eval.")
+                     "train.checkpoint_every_steps", "train.keep_latest", "train.on_nonfinite", "train.log_grad_norms",
+                     "data.num_workers", "data.worker_buffer_size", "data.eval_batch_size", "data.skip_bad_files",
+                     "data.manifest", "data.root", "data.tfds_dir", "data.synthetic.out", "teacher.workdir",
+                     "model.init_from", "model.conv_impl", "eval.")
 
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
