@@ -30,15 +30,21 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRESET = "configs/transfer.py"
 RUN_RECORD = "headroom_run.json"
 
-_ROOT = flags.DEFINE_string("root", "runs/transfer_headroom", "Folder of the runs and of the result.")
-_SEED = flags.DEFINE_integer("seed", 0, "config.seed of every run.")
-_FROM_SCRATCH = flags.DEFINE_bool("from_scratch", False, "Start baseline and oracle from random weights instead of "
-                                  "the seed's pretrained backbone (no pretraining run).")
-_SMOKE = flags.DEFINE_bool("smoke", False, "The presets' ',smoke' variants (tiny data and budget).")
-_REQUIRED = flags.DEFINE_float("required", 0.10, "Test AUC the oracle must gain over the baseline.")
-_OVERRIDE = flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every run (repeatable).")
-_DATA_ROOT = flags.DEFINE_string("data_root", "", "Folder for the synthetic data sets (each run's in the sub-folder "
-                                 "its preset names); '' leaves them where the presets put them.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line; defined when run as a script only, so that importing this module (the tests, beside
+  scripts/ablations.py, which has a --root too) defines no flag."""
+  flags.DEFINE_string("root", "runs/transfer_headroom", "Folder of the runs and of the result.")
+  flags.DEFINE_integer("seed", 0, "config.seed of every run.")
+  flags.DEFINE_bool("from_scratch", False, "Start baseline and oracle from random weights instead of the seed's "
+                    "pretrained backbone (no pretraining run).")
+  flags.DEFINE_bool("smoke", False, "The presets' ',smoke' variants (tiny data and budget).")
+  flags.DEFINE_float("required", 0.10, "Test AUC the oracle must gain over the baseline.")
+  flags.DEFINE_multi_string("override", [], "Extra --config.KEY=VALUE for every run (repeatable).")
+  flags.DEFINE_string("data_root", "", "Folder for the synthetic data sets (each run's in the sub-folder its preset "
+                      "names); '' leaves them where the presets put them.")
 
 
 def preset_config(spec: str):
@@ -122,10 +128,10 @@ def wli_test_images(workdir: pathlib.Path) -> dict[str, str]:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  root = pathlib.Path(_ROOT.value).resolve()
-  seed = _SEED.value
-  commands = run_commands(root, seed, from_scratch=_FROM_SCRATCH.value, smoke=_SMOKE.value,
-                          overrides=list(_OVERRIDE.value), data_root=_DATA_ROOT.value)
+  root = pathlib.Path(FLAGS.root).resolve()
+  seed = FLAGS.seed
+  commands = run_commands(root, seed, from_scratch=FLAGS.from_scratch, smoke=FLAGS.smoke,
+                          overrides=list(FLAGS.override), data_root=_DATAFLAGS.root)
   records = {name: train_and_evaluate(name, args, root / f"seed{seed}" / name, evaluate=name != "pretrain")
              for name, args in commands.items()}
   baseline_images = wli_test_images(root / f"seed{seed}" / "baseline")
@@ -137,18 +143,19 @@ def main(argv) -> None:
   baseline, oracle = records["baseline"]["test"], records["oracle"]["test"]
   difference = oracle["auc"] - baseline["auc"]
   result = {
-      "seed": seed, "from_scratch": _FROM_SCRATCH.value, "smoke": _SMOKE.value,
-      "baseline": baseline, "oracle": oracle, "difference": difference, "required": _REQUIRED.value,
-      "met": bool(difference >= _REQUIRED.value), "same_wli_test_images": len(baseline_images),
+      "seed": seed, "from_scratch": FLAGS.from_scratch, "smoke": FLAGS.smoke,
+      "baseline": baseline, "oracle": oracle, "difference": difference, "required": FLAGS.required,
+      "met": bool(difference >= FLAGS.required), "same_wli_test_images": len(baseline_images),
       "commands": {name: "python train.py " + " ".join(args) for name, args in commands.items()},
       "wall_s": {name: r["train_s"] + r.get("eval_s", 0.0) for name, r in records.items()},
   }
-  out = root / f"seed{seed}" / ("headroom_from_scratch.json" if _FROM_SCRATCH.value else "headroom.json")
+  out = root / f"seed{seed}" / ("headroom_from_scratch.json" if FLAGS.from_scratch else "headroom.json")
   out.write_text(json.dumps(result, indent=2))
   print(f"WLI test AUC on the same {len(baseline_images)} images: baseline {baseline['auc']:.3f}, oracle "
-        f"{oracle['auc']:.3f}, difference {difference:+.3f} (required {_REQUIRED.value:+.2f}): "
+        f"{oracle['auc']:.3f}, difference {difference:+.3f} (required {FLAGS.required:+.2f}): "
         f"{'met' if result['met'] else 'NOT met'} -> {os.path.relpath(out)}", flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
