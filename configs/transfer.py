@@ -16,7 +16,8 @@ colour cast that agrees with the class in 90 % of the WLI training lesions and i
 and test; three pattern sub-types per class; the WLI pattern at contrast 1.0. The values that the headroom check set
 (the contrast, the generic pretraining's size and steps) and every attempt are in docs/RESULTS.md, "Headroom
 check". The generator fixes the split (30 validation and 30 test lesions per class and modality,
-`data.splits = "manifest"`), so the oracle's and the regime's WLI test images are the same files. Images go to data/synthetic_endoscopy/<name from the options>/ beside this repository (ignored by git).
+`data.splits = "manifest"`), so the oracle's and the regime's WLI test images are the same files. Images go to
+data/synthetic_endoscopy/<name from the options>/ beside this repository (ignored by git).
 """
 
 import os
