@@ -13,9 +13,11 @@ baseline), each optionally with `,smoke` (tiny images and counts: a CI-sized run
 
 The regime (docs/RESULTS.md, "Transfer regime"): 12 WLI training lesions per class, 150 unpaired NBI ones; a WLI
 colour cast that agrees with the class in 90 % of the WLI training lesions and is independent of it in validation
-and test; three pattern sub-types per class. The generator fixes the split (30 validation and 30 test lesions per
-class and modality, `data.splits = "manifest"`), so the oracle's and the regime's WLI test images are the same
-files. Images go to data/synthetic_endoscopy/<name from the options>/ beside this repository (ignored by git).
+and test; three pattern sub-types per class; the WLI pattern at contrast 1.0. The values that the headroom check set
+(the contrast, the generic pretraining's size and steps) and every attempt are in docs/RESULTS.md, "Headroom
+check". The generator fixes the split (30 validation and 30 test lesions per class and modality,
+`data.splits = "manifest"`), so the oracle's and the regime's WLI test images are the same files. Images go to
+data/synthetic_endoscopy/<name from the options>/ beside this repository (ignored by git).
 """
 
 import os
@@ -46,6 +48,9 @@ def get_config(arg: str | None = None):
   s.eval_lesions_per_class = 30  # Per class and modality, for validation and for test: AUC on 90 lesions.
   s.shortcut_agreement = 0.9  # The WLI-only shortcut in training; independent of the class in val/test.
   s.subtypes_per_class = 3  # A group of 8 shows every sub-type of its class, one image one.
+  # The WLI pattern's visibility (the generator's default is 0.5), set with the generic pretraining's size and steps
+  # below by the headroom check (docs/RESULTS.md, "Transfer regime", "Headroom check").
+  s.wli_contrast = 1.0
   data.splits = "manifest"  # The generator's fixed split.
   data.image_size = 64
   data.group_size = 8
@@ -74,8 +79,11 @@ def get_config(arg: str | None = None):
     for name, default in synthetic.REGIME_DEFAULTS.items():
       s[name] = default
     s.task = "generic"
-    s.lesions_per_class = 40
+    # 80 lesions and 1500 steps, set by the headroom check (docs/RESULTS.md, "Headroom check"): with 40 lesions
+    # and 600 steps the backbone learnt too little of the generic task and slowed the oracle down.
+    s.lesions_per_class = 80
     s.images_per_lesion = 2
+    config.train.num_steps = 1500
   elif "oracle" in names:  # Ten times the WLI training lesions; the same casts, independent of the class.
     config.stage = "baseline"
     s.wli_lesions_per_class *= ORACLE_LESION_FACTOR
@@ -101,7 +109,8 @@ def get_config(arg: str | None = None):
     config.eval.num_cam_images = 2
 
   if s.task == "generic":
-    name = f"generic{len(data.classes)}_{s.image_size}px_{s.lesions_per_class}l_{s.images_per_lesion}v"
+    name = (f"generic{len(data.classes)}_{s.image_size}px_{s.lesions_per_class}l_{s.images_per_lesion}v"
+            f"_contrast{s.wli_contrast:g}")
   else:
     name = (f"transfer_{s.image_size}px_{s.images_per_lesion}v_wli{s.wli_lesions_per_class}"
             f"_nbi{s.nbi_lesions_per_class}_eval{s.eval_lesions_per_class}_shortcut{s.shortcut_agreement:.3g}"

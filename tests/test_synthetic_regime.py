@@ -309,6 +309,8 @@ def test_transfer_presets():
   assert (s.wli_lesions_per_class, s.nbi_lesions_per_class, s.eval_lesions_per_class) == (12, 150, 30)
   assert (s.shortcut_agreement, s.subtypes_per_class, regime.data.splits) == (0.9, 3, "manifest")
   assert regime.data.image_size == 64 and regime.stage == "pagkd"
+  # Set by the headroom check (docs/RESULTS.md): the WLI pattern's contrast, the generic pretraining's size and steps.
+  assert s.wli_contrast == 1.0 and regime.train.num_steps == 600
   _, oracle = _preset("oracle")
   o = oracle.data.synthetic
   assert oracle.stage == "baseline" and o.wli_lesions_per_class == module.ORACLE_LESION_FACTOR * 12
@@ -321,6 +323,8 @@ def test_transfer_presets():
   assert (p.task, pretrain.stage, pretrain.data.splits) == ("generic", "baseline", "folds")
   assert tuple(pretrain.data.classes) == synthetic.GENERIC_CLASSES
   assert all(p[k] == v for k, v in synthetic.REGIME_DEFAULTS.items() if k != "task")
+  assert (p.lesions_per_class, p.images_per_lesion, pretrain.train.num_steps) == (80, 2, 1500)
+  assert p.wli_contrast == s.wli_contrast  # The generic task's WLI-palette half as faint as the lesions' WLI.
   outs = {a: _preset(a)[1].data.synthetic.out
           for a in (None, "oracle", "pretrain", "smoke", "oracle,smoke", "pretrain,smoke")}
   assert len(set(outs.values())) == len(outs)
