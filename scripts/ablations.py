@@ -28,18 +28,17 @@ PASS / FAIL line per criterion) are written.
 """
 
 import dataclasses
-import importlib.util
 import json
-import math
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 from absl import app, flags
+
+from pagkd_jax.tools.script_runs import load_preset, run_logged
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 METRICS = ("auc", "accuracy", "f1_macro")
@@ -144,17 +143,6 @@ def arm_presets(arms: list[Arm], config_spec: str, arm_config: list[str]) -> dic
   return {a.name: named.get(a.name) or (with_arg(a) if a.preset_arg else config_spec) for a in arms}
 
 
-def load_preset(spec: str):
-  """`get_config(arg)` of a preset named as on train.py's command line: path/to/preset.py[:arg]."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("ablation_preset", REPO_ROOT / path)
-  if module_spec is None:
-    raise FileNotFoundError(f"--config={spec}: no preset file {REPO_ROOT / path}.")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
 def epoch_overrides(config, scale: float) -> list[str]:
   """The preset's epoch counts times `scale` (nothing when scale is 1)."""
   if scale <= 0:
@@ -244,19 +232,6 @@ def diagnostics_summary(metrics_path: pathlib.Path, report: dict) -> dict:
       if entry.get(metric) is not None:
         result[f"region/{who}_{metric}"] = float(entry[metric])
   return result
-
-
-def run_logged(cmd: list[str], log_path: pathlib.Path) -> float:
-  """Runs `cmd` in the repository with its output in `log_path`; returns the wall seconds."""
-  start = time.perf_counter()
-  with open(log_path, "a") as log:
-    log.write(f"$ {' '.join(cmd)}\n")
-    log.flush()
-    result = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-  if result.returncode:
-    tail = log_path.read_text()[-3000:]
-    raise RuntimeError(f"{' '.join(cmd)} failed with exit code {result.returncode}; log {log_path}:\n{tail}")
-  return time.perf_counter() - start
 
 
 def run_arm(arm: Arm, seed: int, root: pathlib.Path, config_spec: str, common: list[str],

@@ -16,15 +16,14 @@ The result goes to ROOT/seed<S>/headroom[_from_scratch].json and is printed: bot
 
 import csv
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
-import subprocess
 import sys
-import time
 
 from absl import app, flags
+
+from pagkd_jax.tools import script_runs
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRESET = "configs/transfer.py"
@@ -47,15 +46,6 @@ def define_flags() -> None:
                       "names); '' leaves them where the presets put them.")
 
 
-def preset_config(spec: str):
-  """`get_config(arg)` of `configs/transfer.py[:arg]`."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("transfer_preset", REPO_ROOT / path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
 def run_commands(root: pathlib.Path, seed: int, *, from_scratch: bool, smoke: bool, overrides: list[str],
                  data_root: str = "") -> dict[str, list[str]]:
   """train.py's arguments per run name ("pretrain" unless from scratch, "baseline", "oracle"), in order."""
@@ -70,22 +60,9 @@ def run_commands(root: pathlib.Path, seed: int, *, from_scratch: bool, smoke: bo
   runs["oracle"] = [f"--config={PRESET}:oracle{suffix}", f"--workdir={seed_dir / 'oracle'}", *init]
   if data_root:
     for args in runs.values():
-      name = os.path.basename(preset_config(args[0].removeprefix("--config=")).data.synthetic.out)
+      name = os.path.basename(script_runs.load_preset(args[0].removeprefix("--config=")).data.synthetic.out)
       args.append(f"--config.data.synthetic.out={pathlib.Path(data_root).resolve() / name}")
   return {name: [*args, f"--config.seed={seed}", *overrides] for name, args in runs.items()}
-
-
-def _run_logged(cmd: list[str], log_path: pathlib.Path) -> float:
-  """Runs `cmd` in the repository with its output appended to `log_path`; returns the wall seconds."""
-  start = time.perf_counter()
-  with open(log_path, "a") as log:
-    log.write(f"$ {' '.join(cmd)}\n")
-    log.flush()
-    result = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-  if result.returncode:
-    raise RuntimeError(f"{' '.join(cmd)} failed with exit code {result.returncode}; log {log_path}:\n"
-                       f"{log_path.read_text()[-3000:]}")
-  return time.perf_counter() - start
 
 
 def train_and_evaluate(name: str, args: list[str], workdir: pathlib.Path, evaluate: bool) -> dict:
@@ -101,9 +78,9 @@ def train_and_evaluate(name: str, args: list[str], workdir: pathlib.Path, evalua
   workdir.mkdir(parents=True, exist_ok=True)
   print(f"[run ] {name} ...", flush=True)
   record = {"name": name, "train_args": args,
-            "train_s": _run_logged([sys.executable, "train.py", *args], workdir / "headroom_train.log")}
+            "train_s": script_runs.run_logged([sys.executable, "train.py", *args], workdir / "headroom_train.log")}
   if evaluate:
-    record["eval_s"] = _run_logged([sys.executable, "eval.py", f"--workdir={workdir}"], workdir / "headroom_eval.log")
+    record["eval_s"] = script_runs.run_logged([sys.executable, "eval.py", f"--workdir={workdir}"], workdir / "headroom_eval.log")
     report = json.loads((workdir / "eval" / "metrics.json").read_text())
     record["test"] = {"auc": report["auc"], "auc_ci95": (report.get("ci95") or {}).get("auc"),
                       "accuracy": report["accuracy"], "n_images": report["n_images"],
@@ -131,7 +108,7 @@ def main(argv) -> None:
   root = pathlib.Path(FLAGS.root).resolve()
   seed = FLAGS.seed
   commands = run_commands(root, seed, from_scratch=FLAGS.from_scratch, smoke=FLAGS.smoke,
-                          overrides=list(FLAGS.override), data_root=_DATAFLAGS.root)
+                          overrides=list(FLAGS.override), data_root=FLAGS.data_root)
   records = {name: train_and_evaluate(name, args, root / f"seed{seed}" / name, evaluate=name != "pretrain")
              for name, args in commands.items()}
   baseline_images = wli_test_images(root / f"seed{seed}" / "baseline")
