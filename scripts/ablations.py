@@ -38,7 +38,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from pagkd_jax.tools.script_runs import load_preset, run_logged
+from pagkd_jax.tools.script_runs import finished_record, load_preset, run_logged
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 METRICS = ("auc", "accuracy", "f1_macro")
@@ -177,12 +177,7 @@ def run_pretrain(seed: int, root: pathlib.Path, pretrain_spec: str, common: list
   workdir = root / f"seed{seed}" / PRETRAIN_DIR
   record_path = workdir / PRETRAIN_RECORD
   args = pretrain_args(seed, root, pretrain_spec, common)
-  if record_path.exists():
-    record = json.loads(record_path.read_text())
-    if record["train_args"] != args:
-      raise ValueError(f"{record_path} was made with different settings ({record['train_args']}) than this "
-                       f"command ({args}); use another --root or delete {workdir}.")
-    print(f"[skip] seed {seed} pretrain: finished ({record_path})", flush=True)
+  if finished_record(record_path, args, f"seed {seed} pretrain") is not None:
     return workdir
   workdir.mkdir(parents=True, exist_ok=True)
   print(f"[run ] seed {seed} pretrain ...", flush=True)
@@ -240,12 +235,8 @@ def run_arm(arm: Arm, seed: int, root: pathlib.Path, config_spec: str, common: l
   workdir = root / f"seed{seed}" / arm.name
   record_path = workdir / RUN_RECORD
   args = train_args(arm, seed, root, config_spec, common, init_from)
-  if record_path.exists():
-    record = json.loads(record_path.read_text())
-    if record["train_args"] != args:
-      raise ValueError(f"{record_path} was made with different settings ({record['train_args']}) than this "
-                       f"command ({args}); use another --root or delete {workdir}.")
-    print(f"[skip] seed {seed} {arm.name}: finished ({record_path})", flush=True)
+  record = finished_record(record_path, args, f"seed {seed} {arm.name}")
+  if record is not None:
     return record
   workdir.mkdir(parents=True, exist_ok=True)
   resumed = (workdir / "checkpoints").exists()

@@ -68,19 +68,16 @@ def run_commands(root: pathlib.Path, seed: int, *, from_scratch: bool, smoke: bo
 def train_and_evaluate(name: str, args: list[str], workdir: pathlib.Path, evaluate: bool) -> dict:
   """Trains (and evaluates) one run unless its record shows it finished with these arguments; returns the record."""
   record_path = workdir / RUN_RECORD
-  if record_path.exists():
-    record = json.loads(record_path.read_text())
-    if record["train_args"] != args:
-      raise ValueError(f"{record_path} was made with other arguments ({record['train_args']}) than this command "
-                       f"({args}); use another --root or delete {workdir}.")
-    print(f"[skip] {name}: finished ({record_path})", flush=True)
+  record = script_runs.finished_record(record_path, args, name)
+  if record is not None:
     return record
   workdir.mkdir(parents=True, exist_ok=True)
   print(f"[run ] {name} ...", flush=True)
   record = {"name": name, "train_args": args,
             "train_s": script_runs.run_logged([sys.executable, "train.py", *args], workdir / "headroom_train.log")}
   if evaluate:
-    record["eval_s"] = script_runs.run_logged([sys.executable, "eval.py", f"--workdir={workdir}"], workdir / "headroom_eval.log")
+    record["eval_s"] = script_runs.run_logged([sys.executable, "eval.py", f"--workdir={workdir}"],
+                                              workdir / "headroom_eval.log")
     report = json.loads((workdir / "eval" / "metrics.json").read_text())
     record["test"] = {"auc": report["auc"], "auc_ci95": (report.get("ci95") or {}).get("auc"),
                       "accuracy": report["accuracy"], "n_images": report["n_images"],

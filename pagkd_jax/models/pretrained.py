@@ -121,7 +121,8 @@ def load(init_from: str, model_name: str) -> dict:
     return load_workdir(init_from, model_name)
   if os.path.isdir(init_from):
     architecture = read_info(init_from)["architecture"]
-    variables = checkpointing.restore_numpy(os.path.join(init_from, VARIABLES_DIR)) if architecture == model_name else None
+    variables = (checkpointing.restore_numpy(os.path.join(init_from, VARIABLES_DIR))
+                 if architecture == model_name else None)
   else:
     architecture, variables = import_file(init_from)
   if architecture != model_name:

@@ -2,6 +2,7 @@
 train.py's command line, and train.py / eval.py runs with their output in a log file."""
 
 import importlib.util
+import json
 import pathlib
 import subprocess
 import time
@@ -33,3 +34,16 @@ def run_logged(cmd: list[str], log_path: pathlib.Path) -> float:
     tail = log_path.read_text()[-3000:]
     raise RuntimeError(f"{' '.join(cmd)} failed with exit code {result.returncode}; log {log_path}:\n{tail}")
   return time.perf_counter() - start
+
+
+def finished_record(record_path: pathlib.Path, train_args: list[str], label: str) -> dict | None:
+  """The record (JSON) of a run that finished with `train_args`, or None when there is none yet: a rerun of a script
+  skips it. A record made with other arguments raises, naming both, rather than mixing two experiments."""
+  if not record_path.exists():
+    return None
+  record = json.loads(record_path.read_text())
+  if record["train_args"] != train_args:
+    raise ValueError(f"{record_path} was made with different settings ({record['train_args']}) than this command "
+                     f"({train_args}); use another --root or delete {record_path.parent}.")
+  print(f"[skip] {label}: finished ({record_path})", flush=True)
+  return record
