@@ -191,7 +191,7 @@ def make_pagkd_update(model, heads, tx, config, steps_per_epoch: int) -> Callabl
   loss_fn = make_pagkd_loss(model, heads, config, steps_per_epoch)
   d = config.distill
   heads_trained = bool((d.use_pro and pagkd.resolved(d, "lambda_pro")) or (d.use_den and d.lambda_den))
-  heads_from = int(round(d.warmup_epochs * steps_per_epoch))  # As make_pagkd_loss's warm-up.
+  heads_from = experiment.distillation_warmup_steps(config, steps_per_epoch)  # As make_pagkd_loss's warm-up.
   tx = optax.with_extra_args_support(tx)
 
   def update(state: TrainState, batch, teacher):
