@@ -69,13 +69,18 @@ def read_latest_state(workdir: str, step: int | None = None) -> tuple[int, Any]:
   return step, restore_numpy(os.path.join(os.path.abspath(workdir), "checkpoints", "latest", str(step), "state"))
 
 
-def best_checkpoint_step(workdir: str) -> int | None:
-  """The step of WORKDIR's best checkpoint (None when there is none); creates nothing."""
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", "best")
+def _newest_step(workdir: str, which: str) -> int | None:
+  """The newest step in WORKDIR/checkpoints/<which> (None when there is none); creates nothing."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", which)
   if not os.path.isdir(path):
     return None
   with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
     return mgr.latest_step()
+
+
+def best_checkpoint_step(workdir: str) -> int | None:
+  """The step of WORKDIR's best checkpoint (None when there is none); creates nothing."""
+  return _newest_step(workdir, "best")
 
 
 def read_best_variables(workdir: str, step: int) -> Any:
@@ -90,11 +95,7 @@ def abstract_like(tree, sharding) -> Any:
 
 def latest_checkpoint_step(workdir: str) -> int | None:
   """The step of WORKDIR's latest complete training checkpoint (None when there is none); creates nothing."""
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", "latest")
-  if not os.path.isdir(path):
-    return None
-  with ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False)) as mgr:
-    return mgr.latest_step()
+  return _newest_step(workdir, "latest")
 
 
 class RunCheckpoints:
