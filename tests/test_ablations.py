@@ -1,6 +1,5 @@
 """scripts/ablations.py: the mean / std table from per-run record files against NumPy, and one tiny real run."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,17 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from training_configs import REPO_ROOT
+from training_configs import REPO_ROOT, load_script
 
 
-def _load_runner():
-  spec = importlib.util.spec_from_file_location("ablations_runner", REPO_ROOT / "scripts" / "ablations.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-ablations = _load_runner()
+ablations = load_script("ablations")
 
 # Test metrics per (arm, seed), as eval.py would report them.
 _VALUES = {

@@ -1,7 +1,6 @@
 """scripts/transfer_headroom.py: its commands, and one real CI-sized run (generic pretraining, then baseline and
 oracle from it on the same test images, the JSON against eval.py's reports)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,17 +8,10 @@ import sys
 
 import pytest
 
-from training_configs import REPO_ROOT
+from training_configs import REPO_ROOT, load_script
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location("transfer_headroom", REPO_ROOT / "scripts" / "transfer_headroom.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-headroom = _load_script()
+headroom = load_script("transfer_headroom")
 
 
 def test_commands_share_the_pretrained_start(tmp_path):

@@ -13,6 +13,14 @@ def load_preset(name: str, arg: str | None = None):
   return module.get_config(arg)
 
 
+def load_script(name: str):
+  """scripts/<name>.py imported as a module (its functions, without running it)."""
+  spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def tiny_synthetic_config(data_dir, *, stage="teacher", num_steps=6, image_size=32, group_size=4):
   """configs/synthetic.py:smoke shrunk to seconds: a few lesions at 32 px, `num_steps` steps."""
   config = load_preset("synthetic", "smoke")
