@@ -2,6 +2,9 @@
 references written as loops in float64."""
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -11,6 +14,7 @@ import pytest
 
 from pagkd_jax.distill import crckd
 from pagkd_jax.distill import memory_bank as mb
+from subprocess_env import env_with_xla_flags
 
 # A small training split: 40 images of 3 classes (3, 25 and 12 images), rows in a shuffled order.
 CLASS_SIZES = (3, 25, 12)
@@ -445,3 +449,62 @@ def test_contrast_heads_match_numpy_and_have_torch_linear_init():
                          np.asarray(params["params"]["teacher"]["linear"]["kernel"]))
   g_x_t = jax.grad(lambda xt: jnp.sum(heads.apply(params, x_s, xt)[1][:, 0]))(jnp.asarray(x_t))
   np.testing.assert_array_equal(np.asarray(g_x_t), 0.0)  # The teacher's feature4 gets no gradient.
+
+
+# ---- one device and eight ---------------------------------------------------------------------------
+
+EIGHT_DEVICES = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    assert jax.device_count() == 8, jax.devices()
+    from pagkd_jax import mesh as mesh_lib
+    from pagkd_jax.distill import crckd, memory_bank as mb
+
+    N, D, C, P, K, B, STEPS = 40, 8, 3, 5, 30, 16, 3
+    labels = np.random.default_rng(0).permutation(np.arange(N) % C).astype(np.int32)
+    rng = np.random.default_rng(1)
+    batches = [(rng.permutation(N)[:B].astype(np.int32), rng.normal(size=(B, D)).astype(np.float32),
+                rng.normal(size=(B, D)).astype(np.float32)) for _ in range(STEPS)]
+
+    def step(banks, key, anchors, x_s, x_t):
+      rows, _, _ = mb.draw_contrast_rows(key, banks.labels, anchors, P, K)
+      def losses(x_s, x_t):
+        ccd, crp, new, _ = crckd.bank_losses(banks, anchors, rows, mb.l2_normalize(x_s), mb.l2_normalize(x_t),
+                                             num_classes=C, num_positives=P)
+        return ccd + crp, (ccd, crp, new)
+      (_, (ccd, crp, new)), grads = jax.value_and_grad(losses, argnums=(0, 1), has_aux=True)(x_s, x_t)
+      return new, rows, ccd, crp, grads
+
+    def run(devices):
+      mesh = mesh_lib.make_mesh(devices)
+      rep, data = mesh_lib.replicated(mesh), mesh_lib.eval_batch_sharding(mesh)
+      banks = jax.device_put(mb.init_memory_banks(jax.random.key(0), labels, dim=D), rep)
+      fn = jax.jit(step, in_shardings=(rep, rep, data, data, data), out_shardings=rep)
+      out = []
+      for t, (anchors, x_s, x_t) in enumerate(batches):
+        args = [mesh_lib.global_array(a, data, a.shape) for a in (anchors, x_s, x_t)]
+        assert {s.data.shape[0] for s in args[1].addressable_shards} == {B // len(devices)}
+        banks, rows, ccd, crp, grads = fn(banks, jax.random.key(10 + t), *args)
+        out.append(jax.device_get((banks, rows, ccd, crp, grads)))
+      return out
+
+    one, eight = run(jax.devices()[:1]), run(jax.devices())
+    for (b1, r1, c1, p1, g1), (b8, r8, c8, p8, g8) in zip(one, eight):
+      np.testing.assert_array_equal(r8, r1)  # The same draw whatever the layout.
+      # Sums of at most B * (P + K) float32 terms in other orders: a few eps32 * sqrt(terms).
+      np.testing.assert_allclose([c8, p8], [c1, p1], rtol=1e-5)
+      for a, b in zip(jax.tree.leaves(b1), jax.tree.leaves(b8)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+      for a, b in zip(g1, g8):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    assert not np.allclose(one[-1][0].student, mb.init_memory_banks(jax.random.key(0), labels, dim=D).student)
+    print("OK")
+""")
+
+
+@pytest.mark.numerics
+def test_bank_step_on_one_and_eight_devices_agrees(repo_root):
+  env = env_with_xla_flags("--xla_force_host_platform_device_count=8", PYTHONPATH=str(repo_root))
+  result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=repo_root)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "OK" in result.stdout
