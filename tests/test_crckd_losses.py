@@ -234,6 +234,8 @@ def test_init_memory_banks_shapes_scale_and_errors():
   assert norms.mean() == pytest.approx(1.0, abs=0.05)  # s = 1 / sqrt(d / 3): rows of norm about 1.
   with pytest.raises(ValueError, match="single class"):
     mb.init_memory_banks(jax.random.key(0), np.zeros(5, np.int32))
+  with pytest.raises(ValueError, match="holds class 2, but there are 2 classes"):
+    mb.init_memory_banks(jax.random.key(0), labels, num_classes=2)
   with pytest.raises(ValueError, match="1-D integer"):
     mb.init_memory_banks(jax.random.key(0), np.zeros((2, 3), np.int32))
   # A pytree: it goes through jit and tree utilities like the rest of the training state.

@@ -134,9 +134,15 @@ def rotate_flip(key: jax.Array, images: jax.Array) -> jax.Array:
   flips = jax.random.bernoulli(k_flip, 0.5, (b,))
 
   def one(image, turn, flip):
-    image = jnp.where(flip, image[::-1], image)
-    variants = jnp.stack([jnp.rot90(image, t, axes=(0, 1)) for t in range(4)])
-    return variants[turn]
+    # rot90 by k = transpose^t . flip_rows^r . flip_columns^c with (t, r, c) = (0, 0, 0), (1, 0, 1), (0, 1, 1),
+    # (1, 1, 0) for k = 0..3; the two flips commute, so the upside-down flip toggles r. Three selects, no copies of
+    # the four rotations.
+    flip_columns = (turn == 1) | (turn == 2)
+    flip_rows = ((turn == 2) | (turn == 3)) != flip
+    transpose = (turn == 1) | (turn == 3)
+    image = jnp.where(flip_columns, image[:, ::-1], image)
+    image = jnp.where(flip_rows, image[::-1], image)
+    return jnp.where(transpose, jnp.swapaxes(image, 0, 1), image)
 
   return jax.vmap(one)(images, turns, flips)
 

@@ -41,7 +41,8 @@ def default_init_scale(dim: int) -> float:
   return 1.0 / math.sqrt(dim / 3.0)
 
 
-def init_memory_banks(key: jax.Array, row_labels, dim: int = 128, init_scale: float | None = None) -> MemoryBanks:
+def init_memory_banks(key: jax.Array, row_labels, dim: int = 128, init_scale: float | None = None,
+                      num_classes: int | None = None) -> MemoryBanks:
   """Both banks drawn U(-s, s) independently, s = `init_scale` or `default_init_scale(dim)`.
 
   Args:
@@ -49,8 +50,9 @@ def init_memory_banks(key: jax.Array, row_labels, dim: int = 128, init_scale: fl
     row_labels: `(N_train,)` int class of each training image, in row order.
     dim: d, the CCD embedding size (128).
     init_scale: s; None for 1 / sqrt(d / 3).
+    num_classes: C, if given: every label must be below it.
   Raises:
-    ValueError: row_labels not 1-D, empty, negative, or of a single class (CCD has no negatives then).
+    ValueError: row_labels not 1-D, empty, out of [0, C), or of a single class (CCD has no negatives then).
   """
   labels = np.asarray(row_labels)
   if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
@@ -58,6 +60,8 @@ def init_memory_banks(key: jax.Array, row_labels, dim: int = 128, init_scale: fl
                      f"image); got shape {labels.shape}, dtype {labels.dtype}.")
   if labels.min() < 0:
     raise ValueError(f"init_memory_banks: row_labels must be >= 0; got {labels.min()}.")
+  if num_classes is not None and labels.max() >= num_classes:
+    raise ValueError(f"init_memory_banks: row_labels holds class {labels.max()}, but there are {num_classes} classes.")
   if len(np.unique(labels)) < 2:
     raise ValueError(f"init_memory_banks: the training split holds a single class ({labels[0]}); CCD needs images of "
                      "at least two classes (the negatives are images of other classes).")
