@@ -233,11 +233,11 @@ def test_init_memory_banks_shapes_scale_and_errors():
   norms = np.linalg.norm(np.asarray(banks.student), axis=1)
   assert norms.mean() == pytest.approx(1.0, abs=0.05)  # s = 1 / sqrt(d / 3): rows of norm about 1.
   with pytest.raises(ValueError, match="single class"):
-    mb.init_memory_banks(jax.random.key(0), np.zeros(5, np.int32))
+    mb.init_memory_banks(jax.random.key(0), np.zeros(5, np.int32), dim=D)
   with pytest.raises(ValueError, match="holds class 2, but there are 2 classes"):
-    mb.init_memory_banks(jax.random.key(0), labels, num_classes=2)
+    mb.init_memory_banks(jax.random.key(0), labels, dim=D, num_classes=2)
   with pytest.raises(ValueError, match="1-D integer"):
-    mb.init_memory_banks(jax.random.key(0), np.zeros((2, 3), np.int32))
+    mb.init_memory_banks(jax.random.key(0), np.zeros((2, 3), np.int32), dim=D)
   # A pytree: it goes through jit and tree utilities like the rest of the training state.
   assert len(jax.tree.leaves(banks)) == 4
 
@@ -247,7 +247,7 @@ def test_bank_update_matches_numpy_and_takes_the_last_of_repeated_rows():
   banks = banks_for_test(1)
   rows = np.asarray([3, 17, 3, 0, 39, 17], np.int32)  # Rows 3 and 17 occur twice.
   f_s, f_t = unit_rows(rng, (6, D)), unit_rows(rng, (6, D))
-  new = jax.jit(mb.update_memory_banks)(banks, jnp.asarray(rows), jnp.asarray(f_s), jnp.asarray(f_t))
+  new = jax.jit(mb.update_memory_banks)(banks, jnp.asarray(rows), jnp.asarray(f_s), jnp.asarray(f_t), 0.5)
   np.testing.assert_allclose(np.asarray(new.student), np_bank_update(banks.student, rows, f_s), rtol=1e-5,
                              atol=1e-6)
   np.testing.assert_allclose(np.asarray(new.teacher), np_bank_update(banks.teacher, rows, f_t), rtol=1e-5,
@@ -256,7 +256,7 @@ def test_bank_update_matches_numpy_and_takes_the_last_of_repeated_rows():
   np.testing.assert_array_equal(np.asarray(new.student)[untouched], np.asarray(banks.student)[untouched])
   np.testing.assert_allclose(np.linalg.norm(np.asarray(new.teacher)[rows], axis=1), 1.0, rtol=1e-6)
   with pytest.raises(ValueError, match="update_memory_banks"):
-    mb.update_memory_banks(banks, jnp.asarray(rows), jnp.asarray(f_s[:5]), jnp.asarray(f_t))
+    mb.update_memory_banks(banks, jnp.asarray(rows), jnp.asarray(f_s[:5]), jnp.asarray(f_t), 0.5)
 
 
 def test_draw_contrast_rows_structure_and_flags():
@@ -313,7 +313,8 @@ def test_draw_contrast_rows_is_uniform_keyed_and_handles_a_class_of_one():
   assert set(rows[1, 1:4].tolist()) == {4, 5} and bool(pos_rep[0]) and bool(pos_rep[1])
   assert set(rows[0, 4:].tolist()) == {1, 2, 3, 4, 5}
   with pytest.raises(ValueError, match=">= 1"):
-    mb.draw_contrast_rows(jax.random.key(0), jnp.asarray(lonely), jnp.asarray([0]), num_positives=0)
+    mb.draw_contrast_rows(jax.random.key(0), jnp.asarray(lonely), jnp.asarray([0]), num_positives=0,
+                          num_negatives=4)
 
 
 # ---- CCD ------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ updated once (`update_memory_banks`), after the losses of the step were computed
 `draw_contrast_rows` is the jitted, fixed-shape draw of each anchor's rows: the anchor's own row, P - 1 other rows
 of its class and K rows of other classes. `sampling_shortfalls` (host side, once) names the classes for which the
 draw has to repeat rows, so the caller can say so once.
+
+The spec's sizes (d = 128, momentum 0.5, P = 20, K = 4096) are `crckd.DEFAULTS`; here they are arguments.
 """
 
 import math
@@ -41,7 +43,7 @@ def default_init_scale(dim: int) -> float:
   return 1.0 / math.sqrt(dim / 3.0)
 
 
-def init_memory_banks(key: jax.Array, row_labels, dim: int = 128, init_scale: float | None = None,
+def init_memory_banks(key: jax.Array, row_labels, dim: int, init_scale: float | None = None,
                       num_classes: int | None = None) -> MemoryBanks:
   """Both banks drawn U(-s, s) independently, s = `init_scale` or `default_init_scale(dim)`.
 
@@ -87,7 +89,7 @@ def last_occurrence(rows: jax.Array) -> jax.Array:
   return ~jnp.any((rows[:, None] == rows[None, :]) & later, axis=1)
 
 
-def momentum_rows(bank: jax.Array, rows: jax.Array, features: jax.Array, momentum: float = 0.5,
+def momentum_rows(bank: jax.Array, rows: jax.Array, features: jax.Array, momentum: float,
                   eps: float = 1e-12) -> jax.Array:
   """bank with bank[rows[i]] <- l2norm(momentum * bank[rows[i]] + (1 - momentum) * features[i]).
 
@@ -107,7 +109,7 @@ def momentum_rows(bank: jax.Array, rows: jax.Array, features: jax.Array, momentu
 
 
 def update_memory_banks(banks: MemoryBanks, rows: jax.Array, f_student: jax.Array, f_teacher: jax.Array,
-                        momentum: float = 0.5, eps: float = 1e-12) -> MemoryBanks:
+                        momentum: float, eps: float = 1e-12) -> MemoryBanks:
   """Spec: after the step each anchor's row is m <- l2norm(momentum m + (1 - momentum) f), on both sides.
 
   Args:
@@ -141,8 +143,8 @@ def _draw_from_pools(key: jax.Array, pools: jax.Array, count: int, fallback: jax
   return jnp.where(size[:, None] > 0, picks, fallback[:, None]).astype(jnp.int32)
 
 
-def draw_contrast_rows(key: jax.Array, row_labels: jax.Array, anchor_rows: jax.Array, num_positives: int = 20,
-                       num_negatives: int = 4096) -> tuple[jax.Array, jax.Array, jax.Array]:
+def draw_contrast_rows(key: jax.Array, row_labels: jax.Array, anchor_rows: jax.Array, num_positives: int,
+                       num_negatives: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The bank rows each anchor is scored against (spec, CCD): fixed shape, jit-able.
 
   Column 0 is the anchor's own row; columns 1 .. P - 1 are other rows of the anchor's class; columns P .. P + K - 1
@@ -177,7 +179,7 @@ def draw_contrast_rows(key: jax.Array, row_labels: jax.Array, anchor_rows: jax.A
   return rows, class_size < num_positives, (n - class_size) < num_negatives
 
 
-def sampling_shortfalls(row_labels, num_positives: int = 20, num_negatives: int = 4096) -> dict[str, dict[int, int]]:
+def sampling_shortfalls(row_labels, num_positives: int, num_negatives: int) -> dict[str, dict[int, int]]:
   """Host side, once: the classes whose draw repeats rows, for one message in the log.
 
   Returns:
