@@ -180,8 +180,9 @@ def test_write_records_csv_round_trips_through_read_manifest(tmp_path):
   out = tmp_path / "work" / "splits.csv"
   manifest.write_records_csv(records, ["train", "test"], out, CLASSES)
   lines = out.read_text().splitlines()
-  assert lines[0] == "path,modality,label,lesion_id,split,patient_id,pair_id"
-  assert lines[1] == f"{records[0].path},wli,adenocarcinoma,L1,train,P1,"
+  assert lines[0] == "path,modality,label,lesion_id,split,patient_id,pair_id,paired"
+  assert lines[1] == f"{records[0].path},wli,adenocarcinoma,L1,train,P1,,0"
+  assert lines[2].endswith(",q,0")  # A pair_id without its partner: not a pair (tests/test_pairs.py has pairs).
   again = manifest.read_manifest(out, CLASSES)
   # The split column comes back as `ImageRecord.split` (used only with config.data.splits = "manifest").
   assert again == [r.__class__(**{**r.__dict__, "row": i + 1, "split": s})

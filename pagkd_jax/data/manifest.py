@@ -14,10 +14,12 @@ from typing import Any
 
 from absl import logging
 
+from pagkd_jax.data import pairs as pairs_lib
 from pagkd_jax.data.records import MODALITIES, SPLITS, ImageRecord
 
 REQUIRED_COLUMNS = ("path", "modality", "label", "lesion_id")
 OPTIONAL_COLUMNS = ("patient_id", "pair_id")
+PAIRED_COLUMN = "paired"  # Written by write_records_csv (splits.csv), ignored when read.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 # Files named `<lesion>__<anything>.<ext>` in a class folder belong to lesion `<lesion>`.
 LESION_SEPARATOR = "__"
@@ -271,21 +273,25 @@ def write_records_csv(
     path: str | os.PathLike[str],
     classes: Sequence[str],
 ) -> None:
-  """Writes `path, modality, label, lesion_id, split, patient_id, pair_id`, one row per record.
+  """Writes `path, modality, label, lesion_id, split, patient_id, pair_id, paired`, one row per record.
 
   Labels are written as class names and paths absolute, so the file is itself a valid manifest
-  for `read_manifest` (its `split` column is used with `config.data.splits = "manifest"` only).
+  for `read_manifest` (its `split` column is used with `config.data.splits = "manifest"` only; `paired` is
+  ignored there). `paired` is 1 for the images of the training split's pairs (`pairs.find_pairs`: one WLI and
+  one NBI training image with the same pair_id; the paired stream's data, left out of the unpaired WLI stream
+  when that stream runs) and 0 for every other image.
 
   Raises:
     ValueError: `records` and `splits` differ in length.
   """
   if len(records) != len(splits):
     raise ValueError(f"{len(records)} records but {len(splits)} split names")
+  paired = pairs_lib.paired_flags(records, splits)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
-    writer.writerow(REQUIRED_COLUMNS + ("split",) + OPTIONAL_COLUMNS)
-    for record, split in zip(records, splits):
+    writer.writerow(REQUIRED_COLUMNS + ("split",) + OPTIONAL_COLUMNS + (PAIRED_COLUMN,))
+    for record, split, in_pair in zip(records, splits, paired):
       writer.writerow([record.path, record.modality, classes[record.label], record.lesion_id,
-                       split, record.patient_id, record.pair_id])
+                       split, record.patient_id, record.pair_id, int(in_pair)])
