@@ -6,10 +6,11 @@ modalities), split by the project's folds.
 
 import collections
 import csv
+import dataclasses
 
 import pytest
 
-from pagkd_jax.data import manifest, pairs, splits, synthetic
+from pagkd_jax.data import image_io, manifest, pairs, splits, synthetic, validate
 from pagkd_jax.data.records import ImageRecord
 
 CLASSES = ("hyperplasia", "adenoma", "adenocarcinoma")
@@ -150,3 +151,22 @@ def test_required_pairs_error_names_the_count_found():
   pairs.require_pairs(few, 5)
   with pytest.raises(ValueError, match="records but"):
     pairs.find_pairs([few[0].wli], [])
+
+
+def test_the_data_check_warns_of_inconsistent_pair_ids(split_data):
+  records, split_of = split_data
+  assert not validate.check_records(records, split_of, classes=CLASSES, image_size=16, group_size=1,
+                                    source="m.csv").warnings
+  # A second WLI view given the pair_id of the first: the check names the pair_id and goes on (a warning).
+  first = next(i for i, (r, s) in enumerate(zip(records, split_of)) if r.pair_id and r.modality == "wli")
+  twin = next(i for i, r in enumerate(records) if r.modality == "wli" and r.lesion_id == records[first].lesion_id
+              and i != first)
+  broken = list(records)
+  broken[twin] = dataclasses.replace(records[twin], pair_id=records[first].pair_id)
+  report = validate.check_records(broken, split_of, classes=CLASSES, image_size=16, group_size=1, source="m.csv")
+  assert not report.errors
+  assert [w.text for w in report.warnings] == [
+      f"m.csv: pair_id {records[first].pair_id!r}: 2 WLI images ("
+      + ", ".join(image_io.describe(broken[i]) for i in sorted((first, twin)))
+      + "); a pair has one image of each modality: give each view its own pair_id, e.g. <lesion>__<view> "
+      "(the paired stream refuses such data)"]
