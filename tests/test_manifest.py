@@ -126,6 +126,21 @@ def test_records_from_folder(tmp_path):
   assert by_name["L9__view2.tiff"].modality == "nbi"
   assert by_name["other.jpeg"].label == 0
   assert [r.path for r in records] == sorted(r.path for r in records)
+  assert all(r.pair_id == "" for r in records)  # L9's two files have different view names: no pair.
+
+
+def test_records_from_folder_pairs_files_named_alike_in_both_modalities(tmp_path):
+  for name in ("wli/adenoma/L1__0.png", "nbi/adenoma/L1__0.jpg", "wli/adenoma/L1__1.png", "nbi/adenoma/L1__2.png",
+               "wli/hyperplasia/x.png", "nbi/hyperplasia/x.png", "wli/hyperplasia/__v.png", "nbi/hyperplasia/__v.png"):
+    _png(tmp_path / name)
+  records = manifest.records_from_folder(tmp_path, CLASSES)
+  pair_of = {os.path.relpath(r.path, tmp_path): r.pair_id for r in records}
+  assert pair_of == {
+      "wli/adenoma/L1__0.png": "L1__0", "nbi/adenoma/L1__0.jpg": "L1__0",  # The same view of lesion L1.
+      "wli/adenoma/L1__1.png": "", "nbi/adenoma/L1__2.png": "",  # Views seen in one modality only.
+      # Without a lesion prefix every file is its own lesion (wli/hyperplasia/x and nbi/hyperplasia/x): no pair.
+      "wli/hyperplasia/x.png": "", "nbi/hyperplasia/x.png": "", "wli/hyperplasia/__v.png": "",
+      "nbi/hyperplasia/__v.png": ""}
 
 
 def test_records_from_folder_unknown_class_folder_is_named(tmp_path):

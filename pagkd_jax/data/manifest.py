@@ -7,6 +7,7 @@ one pass instead of one error per run.
 
 import collections
 import csv
+import dataclasses
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -183,8 +184,10 @@ def records_from_folder(root: str | os.PathLike[str], classes: Sequence[str]) ->
   image is its own lesion, `lesion_id = "<modality>/<class>/<stem>"`, unless its name is
   `<lesion>__<anything>.<ext>`: then `lesion_id = "<lesion>"`, shared by every file with that
   prefix in any modality or class folder (so `wli/adenoma/L7__a.png` and `nbi/adenoma/L7__b.png`
-  are one lesion and always land in the same split). Hidden files and other extensions are
-  skipped. Records are sorted by path; `row` is 0.
+  are one lesion and always land in the same split). A pair is named alike in both modalities: a
+  `<lesion>__<view>` name (without extension) found under `wli/` and under `nbi/` is the `pair_id` of both
+  files (`wli/adenoma/L7__0.png` and `nbi/adenoma/L7__0.png`: pair `L7__0`, the synthetic data's layout);
+  other files have none. Hidden files and other extensions are skipped. Records are sorted by path; `row` is 0.
 
   Raises:
     FileNotFoundError: `root` is not a folder.
@@ -223,6 +226,7 @@ def records_from_folder(root: str | os.PathLike[str], classes: Sequence[str]) ->
           lesion_id = f"{modality}/{classes[label]}/{stem}"
         records.append(ImageRecord(path=str(image_path.resolve()), modality=modality,
                                    label=label, lesion_id=lesion_id))
+  records = _pair_by_name(records)
   if not records and not problems:
     problems.append(f"{root}: no images found under <modality>/<class>/ "
                     f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
@@ -230,6 +234,16 @@ def records_from_folder(root: str | os.PathLike[str], classes: Sequence[str]) ->
   if problems:
     raise ManifestError(problems)
   return records
+
+
+def _pair_by_name(records: Sequence[ImageRecord]) -> list[ImageRecord]:
+  """Folder records with `pair_id = <lesion>__<view>` where that file name (without extension) is in both
+  modalities (see `records_from_folder`)."""
+  stems = [pathlib.Path(r.path).stem for r in records]
+  named = [LESION_SEPARATOR in s and bool(s.split(LESION_SEPARATOR, 1)[0]) for s in stems]
+  of_modality = lambda m: {s for r, s, n in zip(records, stems, named) if n and r.modality == m}
+  in_both = of_modality("wli") & of_modality("nbi")
+  return [dataclasses.replace(r, pair_id=s) if n and s in in_both else r for r, s, n in zip(records, stems, named)]
 
 
 def load_records(data_config: Any, *, check_files: bool = True) -> list[ImageRecord]:
