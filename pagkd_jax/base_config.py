@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.shuffle_train_labels = False
   data.image_size = 448
   data.group_size = 8  # N_c: images of every class, per modality, in every training batch.
+  # B of the paired stream (spec 8, the release's 24): pairs per paired batch; an epoch's last pairs that fill no
+  # batch are left out of that epoch (pagkd_jax/data/pair_batches.py). Used only when the paired stream runs.
+  data.paired_batch_size = 24
   data.eval_batch_size = 32  # Fixed; the last batch is padded and masked.
   data.num_workers = 0  # grain worker processes (0: decode in the main process).
   data.worker_buffer_size = 2

@@ -222,6 +222,7 @@ RULES: list[Rule] = [
     number("data.group_size", integer=True, minimum=1),
     Rule(("data.group_size", "devices", "processes"), _group_size_fits,
          "a multiple of the number of devices and of the number of processes (each gets an equal share)"),
+    number("data.paired_batch_size", integer=True, minimum=1),
     number("data.eval_batch_size", integer=True, minimum=1),
     number("data.num_workers", integer=True, minimum=0),
     number("data.worker_buffer_size", integer=True, minimum=1),

@@ -187,3 +187,51 @@ def test_bad_input_is_rejected():
   with pytest.raises(ValueError, match=r"\(4, 4\)"):
     augment.augment_train(np.zeros((4, 4), np.uint8), 2, NO_AUG, np.random.default_rng(0))
 
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pair_views_get_the_same_rotation_and_flips(seed):
+  """Both images of a pair: the rotation and flips drawn once, in the documented order, applied to each."""
+  config = dict(NO_AUG, rotate=True, hflip=True, vflip=True)
+  wli, nbi = _image(20 + seed, (20, 20)), _image(40 + seed, (20, 20))
+  out_wli, out_nbi = augment.augment_train_pair(wli, nbi, 16, config, np.random.default_rng(seed))
+  rng = np.random.default_rng(seed)
+  angle, hflip, vflip = int(rng.integers(-180, 181)), rng.random() < 0.5, rng.random() < 0.5
+
+  def reference(image):
+    x = augment.rotate(image, angle)
+    x = x[:, ::-1] if hflip else x
+    x = x[::-1] if vflip else x
+    return augment.resize(np.ascontiguousarray(x), 16)
+
+  np.testing.assert_array_equal(out_wli, reference(wli))
+  np.testing.assert_array_equal(out_nbi, reference(nbi))
+  # The WLI view is the one `augment_train` gives from the same generator state.
+  np.testing.assert_array_equal(out_wli, augment.augment_train(wli, 16, config, np.random.default_rng(seed)))
+
+
+def test_pair_of_identical_images_stays_identical_under_every_augmentation():
+  config = dict(rotate=True, hflip=True, vflip=True, random_resized_crop=True, crop_scale=(0.3, 1.0),
+                color_jitter=0.4)
+  image = _image(3, (40, 30))
+  views = []
+  for seed in range(8):
+    out_wli, out_nbi = augment.augment_train_pair(image, image.copy(), 16, config, np.random.default_rng(seed))
+    np.testing.assert_array_equal(out_wli, out_nbi)
+    views.append(out_wli)
+  assert len({v.tobytes() for v in views}) == len(views)  # Other generator states, other draws.
+
+
+def test_pair_crop_is_scaled_to_an_image_of_another_size():
+  """The crop box is drawn for the WLI image; an NBI image twice as large gets the same fractions of itself."""
+  config = dict(NO_AUG, random_resized_crop=True, crop_scale=(0.2, 0.6))
+  small = _image(11, (40, 60))
+  large = np.repeat(np.repeat(small, 2, axis=0), 2, axis=1)  # (80, 120), each pixel a 2x2 block.
+  for seed in range(5):
+    transform = augment.draw_train_transform(40, 60, config, np.random.default_rng(seed))
+    top, left, h, w = transform.crop
+    assert transform.source_shape == (40, 60) and transform.angle is None
+    np.testing.assert_array_equal(augment.apply_train_transform(small, transform, 12),
+                                  augment.resize(small[top:top + h, left:left + w], 12))
+    np.testing.assert_array_equal(augment.apply_train_transform(large, transform, 12),
+                                  augment.resize(large[2 * top:2 * (top + h), 2 * left:2 * (left + w)], 12))

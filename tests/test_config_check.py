@@ -55,6 +55,8 @@ BROKEN = [
     ({"data.group_size": 6}, ["data.group_size=6, devices=2, processes=4: expected a multiple of the number of devices "
                               "and of the number of processes (each gets an equal share)"],
      {"devices": 2, "processes": 4}),
+    ({"data.paired_batch_size": 0}, ["data.paired_batch_size=0: expected an integer >= 1"]),
+    ({"data.paired_batch_size": 2.5}, ["data.paired_batch_size=2.5: expected an integer >= 1"]),
     ({"data.eval_batch_size": 0}, ["data.eval_batch_size=0: expected an integer >= 1"]),
     ({"data.num_workers": -1}, ["data.num_workers=-1: expected an integer >= 0"]),
     ({"data.worker_buffer_size": 0}, ["data.worker_buffer_size=0: expected an integer >= 1"]),

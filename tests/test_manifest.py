@@ -126,6 +126,21 @@ def test_records_from_folder(tmp_path):
   assert by_name["L9__view2.tiff"].modality == "nbi"
   assert by_name["other.jpeg"].label == 0
   assert [r.path for r in records] == sorted(r.path for r in records)
+  assert all(r.pair_id == "" for r in records)  # L9's two files have different view names: no pair.
+
+
+def test_records_from_folder_pairs_files_named_alike_in_both_modalities(tmp_path):
+  for name in ("wli/adenoma/L1__0.png", "nbi/adenoma/L1__0.jpg", "wli/adenoma/L1__1.png", "nbi/adenoma/L1__2.png",
+               "wli/hyperplasia/x.png", "nbi/hyperplasia/x.png", "wli/hyperplasia/__v.png", "nbi/hyperplasia/__v.png"):
+    _png(tmp_path / name)
+  records = manifest.records_from_folder(tmp_path, CLASSES)
+  pair_of = {os.path.relpath(r.path, tmp_path): r.pair_id for r in records}
+  assert pair_of == {
+      "wli/adenoma/L1__0.png": "L1__0", "nbi/adenoma/L1__0.jpg": "L1__0",  # The same view of lesion L1.
+      "wli/adenoma/L1__1.png": "", "nbi/adenoma/L1__2.png": "",  # Views seen in one modality only.
+      # Without a lesion prefix every file is its own lesion (wli/hyperplasia/x and nbi/hyperplasia/x): no pair.
+      "wli/hyperplasia/x.png": "", "nbi/hyperplasia/x.png": "", "wli/hyperplasia/__v.png": "",
+      "nbi/hyperplasia/__v.png": ""}
 
 
 def test_records_from_folder_unknown_class_folder_is_named(tmp_path):
@@ -180,8 +195,9 @@ def test_write_records_csv_round_trips_through_read_manifest(tmp_path):
   out = tmp_path / "work" / "splits.csv"
   manifest.write_records_csv(records, ["train", "test"], out, CLASSES)
   lines = out.read_text().splitlines()
-  assert lines[0] == "path,modality,label,lesion_id,split,patient_id,pair_id"
-  assert lines[1] == f"{records[0].path},wli,adenocarcinoma,L1,train,P1,"
+  assert lines[0] == "path,modality,label,lesion_id,split,patient_id,pair_id,paired"
+  assert lines[1] == f"{records[0].path},wli,adenocarcinoma,L1,train,P1,,0"
+  assert lines[2].endswith(",q,0")  # A pair_id without its partner: not a pair (tests/test_pairs.py has pairs).
   again = manifest.read_manifest(out, CLASSES)
   # The split column comes back as `ImageRecord.split` (used only with config.data.splits = "manifest").
   assert again == [r.__class__(**{**r.__dict__, "row": i + 1, "split": s})

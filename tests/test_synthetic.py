@@ -188,8 +188,9 @@ def test_project_readers_accept_manifest_and_folder(tmp_path):
   assert {(r.modality, CLASSES[r.label], r.lesion_id) for r in records} == {
       (r["modality"], r["label"], r["lesion_id"]) for r in rows}
   folder = manifest_lib.records_from_folder(tmp_path, CLASSES)
-  assert sorted((r.path, r.label, r.lesion_id) for r in folder) == sorted(
-      (r.path, r.label, r.lesion_id) for r in records)
+  assert sorted((r.path, r.label, r.lesion_id, r.pair_id) for r in folder) == sorted(
+      (r.path, r.label, r.lesion_id, r.pair_id) for r in records)
+  assert any(r.pair_id for r in folder)  # The folder layout names the pairs as the manifest does.
 
 
 @pytest.mark.parametrize("classes", [("benign", "malignant"), ("a", "b", "c", "d")])

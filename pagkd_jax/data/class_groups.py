@@ -6,7 +6,7 @@ forever. Step `s` takes positions `[s K, (s + 1) K)` of every stream, so over wh
 image of a class is seen equally often, a class with fewer than K images is drawn with repetition,
 and WLI and NBI streams are independent (unpaired). Everything is a pure function of
 (seed, step): the grain pipeline is a random-access `MapDataset` over steps, whose iterator state is
-the next step (`ClassGroupIterator`), so restoring it continues with exactly the batches an
+the next step (`step_iterator.StepIterator`), so restoring it continues with exactly the batches an
 uninterrupted run gives, whatever the number of worker processes.
 
 Multi-process: the groups are drawn globally (same indices on every process) and process `p` of
@@ -20,11 +20,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import grain
 import numpy as np
 from absl import logging
 
-from pagkd_jax.data import augment, image_io
+from pagkd_jax.data import augment, image_io, step_iterator
 from pagkd_jax.data.records import MODALITIES, ImageRecord
 
 # First entries of the seed sequences, so index streams and augmentation never share a seed.
@@ -152,67 +151,6 @@ class ClassGroupLoader:
     return batch
 
 
-class ClassGroupIterator(grain.DatasetIterator):
-  """Iterates `loader[step]` for step = start, start + 1, ...; its state is `{"step": next step}`.
-
-  The state does not depend on `num_workers`, so a run may resume with another worker count (or
-  on another machine). The grain pipeline (one prefetch thread, plus `mp_prefetch` worker
-  processes when `num_workers > 0`) starts on the first `next` or `start_prefetch`, and restarts
-  from the new step on `set_state`.
-  """
-
-  def __init__(self, loader: ClassGroupLoader, *, num_workers: int = 0,
-               worker_buffer_size: int = 2):
-    super().__init__()
-    if num_workers < 0 or worker_buffer_size < 1:
-      raise ValueError(f"need num_workers >= 0 and worker_buffer_size >= 1, got {num_workers}, "
-                       f"{worker_buffer_size}")
-    self.loader = loader
-    self._num_workers = num_workers
-    self._buffer_size = worker_buffer_size
-    self._step = 0
-    self._pipeline: grain.DatasetIterator | None = None
-
-  def _start(self) -> grain.DatasetIterator:
-    if self._pipeline is None:
-      dataset = grain.MapDataset.source(self.loader)[self._step:].to_iter_dataset(
-          grain.ReadOptions(num_threads=1, prefetch_buffer_size=self._buffer_size))
-      if self._num_workers > 0:
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=self._num_workers, per_worker_buffer_size=self._buffer_size))
-      self._pipeline = iter(dataset)
-    return self._pipeline
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    self._assert_not_closed()
-    batch = next(self._start())
-    self._step += 1
-    return batch
-
-  def get_state(self) -> dict[str, int]:
-    return {"step": self._step}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    step = int(state["step"])
-    if step < 0:
-      raise ValueError(f"invalid iterator state {state}")
-    if step != self._step:
-      self._stop()
-      self._step = step
-
-  def start_prefetch(self) -> None:
-    self._start()
-
-  def _stop(self) -> None:
-    if self._pipeline is not None:
-      self._pipeline.close()
-      self._pipeline = None
-
-  def close(self) -> None:
-    self._stop()
-    super().close()
-
-
 def make_train_iterator(
     records: Sequence[ImageRecord],
     *,
@@ -226,7 +164,7 @@ def make_train_iterator(
     process_count: int = 1,
     num_workers: int = 0,
     worker_buffer_size: int = 2,
-) -> ClassGroupIterator:
+) -> step_iterator.StepIterator:
   """An endless, checkpointable iterator over the `ClassGroupLoader` batches from step 0.
 
   `get_state()`/`set_state()` (or `grain.checkpoint.CheckpointSave/CheckpointRestore` with
@@ -237,4 +175,4 @@ def make_train_iterator(
       records, classes=classes, modalities=modalities, group_size=group_size,
       image_size=image_size, aug_config=aug_config, seed=seed, process_index=process_index,
       process_count=process_count)
-  return ClassGroupIterator(loader, num_workers=num_workers, worker_buffer_size=worker_buffer_size)
+  return step_iterator.StepIterator(loader, num_workers=num_workers, worker_buffer_size=worker_buffer_size)

@@ -7,6 +7,7 @@ one pass instead of one error per run.
 
 import collections
 import csv
+import dataclasses
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -14,10 +15,12 @@ from typing import Any
 
 from absl import logging
 
+from pagkd_jax.data import pairs as pairs_lib
 from pagkd_jax.data.records import MODALITIES, SPLITS, ImageRecord
 
 REQUIRED_COLUMNS = ("path", "modality", "label", "lesion_id")
 OPTIONAL_COLUMNS = ("patient_id", "pair_id")
+PAIRED_COLUMN = "paired"  # Written by write_records_csv (splits.csv), ignored when read.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 # Files named `<lesion>__<anything>.<ext>` in a class folder belong to lesion `<lesion>`.
 LESION_SEPARATOR = "__"
@@ -181,8 +184,10 @@ def records_from_folder(root: str | os.PathLike[str], classes: Sequence[str]) ->
   image is its own lesion, `lesion_id = "<modality>/<class>/<stem>"`, unless its name is
   `<lesion>__<anything>.<ext>`: then `lesion_id = "<lesion>"`, shared by every file with that
   prefix in any modality or class folder (so `wli/adenoma/L7__a.png` and `nbi/adenoma/L7__b.png`
-  are one lesion and always land in the same split). Hidden files and other extensions are
-  skipped. Records are sorted by path; `row` is 0.
+  are one lesion and always land in the same split). A pair is named alike in both modalities: a
+  `<lesion>__<view>` name (without extension) found under `wli/` and under `nbi/` is the `pair_id` of both
+  files (`wli/adenoma/L7__0.png` and `nbi/adenoma/L7__0.png`: pair `L7__0`, the synthetic data's layout);
+  other files have none. Hidden files and other extensions are skipped. Records are sorted by path; `row` is 0.
 
   Raises:
     FileNotFoundError: `root` is not a folder.
@@ -221,6 +226,7 @@ def records_from_folder(root: str | os.PathLike[str], classes: Sequence[str]) ->
           lesion_id = f"{modality}/{classes[label]}/{stem}"
         records.append(ImageRecord(path=str(image_path.resolve()), modality=modality,
                                    label=label, lesion_id=lesion_id))
+  records = _pair_by_name(records)
   if not records and not problems:
     problems.append(f"{root}: no images found under <modality>/<class>/ "
                     f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
@@ -228,6 +234,16 @@ def records_from_folder(root: str | os.PathLike[str], classes: Sequence[str]) ->
   if problems:
     raise ManifestError(problems)
   return records
+
+
+def _pair_by_name(records: Sequence[ImageRecord]) -> list[ImageRecord]:
+  """Folder records with `pair_id = <lesion>__<view>` where that file name (without extension) is in both
+  modalities (see `records_from_folder`)."""
+  stems = [pathlib.Path(r.path).stem for r in records]
+  named = [LESION_SEPARATOR in s and bool(s.split(LESION_SEPARATOR, 1)[0]) for s in stems]
+  of_modality = lambda m: {s for r, s, n in zip(records, stems, named) if n and r.modality == m}
+  in_both = of_modality("wli") & of_modality("nbi")
+  return [dataclasses.replace(r, pair_id=s) if n and s in in_both else r for r, s, n in zip(records, stems, named)]
 
 
 def load_records(data_config: Any, *, check_files: bool = True) -> list[ImageRecord]:
@@ -271,21 +287,25 @@ def write_records_csv(
     path: str | os.PathLike[str],
     classes: Sequence[str],
 ) -> None:
-  """Writes `path, modality, label, lesion_id, split, patient_id, pair_id`, one row per record.
+  """Writes `path, modality, label, lesion_id, split, patient_id, pair_id, paired`, one row per record.
 
   Labels are written as class names and paths absolute, so the file is itself a valid manifest
-  for `read_manifest` (its `split` column is used with `config.data.splits = "manifest"` only).
+  for `read_manifest` (its `split` column is used with `config.data.splits = "manifest"` only; `paired` is
+  ignored there). `paired` is 1 for the images of the training split's pairs (`pairs.find_pairs`: one WLI and
+  one NBI training image with the same pair_id; the paired stream's data, left out of the unpaired WLI stream
+  when that stream runs) and 0 for every other image.
 
   Raises:
     ValueError: `records` and `splits` differ in length.
   """
   if len(records) != len(splits):
     raise ValueError(f"{len(records)} records but {len(splits)} split names")
+  paired = pairs_lib.paired_flags(records, splits)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
-    writer.writerow(REQUIRED_COLUMNS + ("split",) + OPTIONAL_COLUMNS)
-    for record, split in zip(records, splits):
+    writer.writerow(REQUIRED_COLUMNS + ("split",) + OPTIONAL_COLUMNS + (PAIRED_COLUMN,))
+    for record, split, in_pair in zip(records, splits, paired):
       writer.writerow([record.path, record.modality, classes[record.label], record.lesion_id,
-                       split, record.patient_id, record.pair_id])
+                       split, record.patient_id, record.pair_id, int(in_pair)])

@@ -17,7 +17,8 @@ Errors (training refuses to start):
     trains on), a class without training images of such a modality, and the same image content (BLAKE2b of the
     encoded bytes) in two splits (test or validation images leaking into training).
 Warnings (training goes on): a class with fewer than `group_size` (K) training images of a modality (its groups
-are drawn with repetition), and the same content twice within one split.
+are drawn with repetition), the same content twice within one split, and inconsistent pair_ids (`pairs.find_pairs`:
+two images of one modality, two lesions, labels or splits under one pair_id), which the paired stream refuses.
 """
 
 import collections
@@ -33,6 +34,7 @@ from typing import Any
 
 from pagkd_jax.data import image_io
 from pagkd_jax.data import manifest as manifest_lib
+from pagkd_jax.data import pairs as pairs_lib
 from pagkd_jax.data.records import MODALITIES, ImageRecord
 
 SKIPPED_FILES_NAME = "skipped_files.csv"
@@ -237,6 +239,9 @@ def check_records(
         report.errors.append(Finding(text + ": one image in two splits leaks it between training and evaluation"))
       else:
         report.warnings.append(Finding(text))
+
+  for problem in pairs_lib.find_pairs(records, splits, classes).problems:
+    report.warnings.append(Finding(f"{place}: {problem} (the paired stream refuses such data)"))
   return report
 
 
