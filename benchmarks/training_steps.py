@@ -24,10 +24,10 @@ from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import pagkd
-from pagkd_jax.training import classifier_step
+from pagkd_jax.methods import classifier
+from pagkd_jax.methods import pagkd as pagkd_method
+from pagkd_jax.methods.classifier import flatten_groups
 from pagkd_jax.training import optimizer as optimizer_lib
-from pagkd_jax.training import pagkd_step
-from pagkd_jax.training.classifier_step import flatten_groups
 
 STEPS = ("baseline", "teacher_forward", "pagkd_warmup", "pagkd")
 
@@ -109,13 +109,13 @@ def build_step(name: str, config, mesh=None) -> Step:
   mesh = mesh or mesh_lib.make_mesh()
   model = experiment.build_model(config)
   if name == "baseline":
-    return _update_step(name, classifier_step.ClassifierProgram("wli"), config, model, mesh)
+    return _update_step(name, classifier.ClassifierProgram("wli"), config, model, mesh)
   teacher = init_teacher(config, model, mesh)
   if name in ("pagkd", "pagkd_warmup"):
     if name == "pagkd_warmup":
       config = copy.deepcopy(config)
       config.distill.warmup_epochs = 1e4  # Every benchmarked step is a warm-up step.
-    return _update_step(name, pagkd_step.PaGKDProgram(frozen=(teacher,)), config, model, mesh)
+    return _update_step(name, pagkd_method.PaGKDProgram(frozen=(teacher,)), config, model, mesh)
   if name != "teacher_forward":
     raise ValueError(f"Unknown step {name!r}; expected one of {STEPS}.")
   replicated = mesh_lib.replicated(mesh)
@@ -264,21 +264,21 @@ def make_heads_loss(config):
 
   The features are regrouped (K * C, ...) -> (C, K, ...) as in the PaGKD step; regions come from `inputs`."""
   num_classes = len(config.data.classes)
-  heads = pagkd_step.make_heads(config, num_classes)
+  heads = pagkd_method.make_heads(config, num_classes)
   d = config.distill
   lambda_pro = pagkd.resolved(d, "lambda_pro") if d.use_pro else 0.0
   lambda_den = d.lambda_den if d.use_den else 0.0
 
   def loss(params, s_features, inputs):
-    s = pagkd_step.unflatten_groups(s_features, num_classes)
-    t = pagkd_step.unflatten_groups(inputs["t_features"], num_classes)
+    s = pagkd_method.unflatten_groups(s_features, num_classes)
+    t = pagkd_method.unflatten_groups(inputs["t_features"], num_classes)
     out = heads.apply({"params": params}, s, t, inputs["group_labels"], inputs["regions_wli"],
                       inputs["regions_nbi"])
     return lambda_pro * out["loss_pro"] + lambda_den * out["loss_den"]
 
   def init(inputs):
-    s = pagkd_step.unflatten_groups(inputs["s_features"], num_classes)
-    t = pagkd_step.unflatten_groups(inputs["t_features"], num_classes)
+    s = pagkd_method.unflatten_groups(inputs["s_features"], num_classes)
+    t = pagkd_method.unflatten_groups(inputs["t_features"], num_classes)
     return heads.init(jax.random.key(0), s, t, inputs["group_labels"], inputs["regions_wli"],
                       inputs["regions_nbi"])["params"]
 
@@ -306,8 +306,8 @@ def make_distillation_fn(config):
 
   def full_loss(params, s_features, inputs):
     r_wli, r_nbi = region_fn({**inputs, "s_features": jax.lax.stop_gradient(s_features)})
-    inputs = {**inputs, "regions_wli": pagkd_step.unflatten_groups(r_wli, num_classes),
-              "regions_nbi": pagkd_step.unflatten_groups(r_nbi, num_classes)}
+    inputs = {**inputs, "regions_wli": pagkd_method.unflatten_groups(r_wli, num_classes),
+              "regions_nbi": pagkd_method.unflatten_groups(r_nbi, num_classes)}
     return loss(params, s_features, inputs)
 
   def fn(params, inputs):

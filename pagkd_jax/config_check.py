@@ -37,7 +37,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pagkd_jax import experiment
+from pagkd_jax import methods
 from pagkd_jax.data import normalization
 from pagkd_jax.data import splits
 from pagkd_jax.data import synthetic
@@ -201,7 +201,7 @@ _LESION_OPTIONS = ("wli_lesions_per_class", "nbi_lesions_per_class", "eval_lesio
 SOURCES = ("data.synthetic.enabled", "data.manifest", "data.root", "data.tfds_dir")
 
 RULES: list[Rule] = [
-    choice("stage", experiment.STAGES),
+    choice("stage", methods.STAGES),
     number("seed", integer=True, minimum=0),
     # data
     Rule(SOURCES, _data_sources_ok, "exactly one data source: data.synthetic.enabled=True (generated images), "

@@ -6,23 +6,12 @@ import os
 import jax
 from absl import logging
 
+from pagkd_jax import methods
 from pagkd_jax.data import manifest as manifest_lib
 from pagkd_jax.data import splits as splits_lib
 from pagkd_jax.data import validate
 from pagkd_jax.data.records import ImageRecord
 from pagkd_jax.models import resnet
-
-
-STAGES = ("teacher", "baseline", "pagkd")  # The values of config.stage.
-
-
-def stage_modality(stage: str) -> str:
-  """The modality a stage trains and is evaluated on: NBI for the teacher, WLI otherwise."""
-  if stage == "teacher":
-    return "nbi"
-  if stage in STAGES:
-    return "wli"
-  raise ValueError(f"Unknown config.stage {stage!r}; expected one of {STAGES}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +82,7 @@ def _checked_records(config, workdir: str, manifest_path: str | None) -> tuple[l
   """The records and splits of a training run after `validate.check_records` (see `load_split_data`)."""
   data = config.data
   classes = tuple(data.classes)
-  required = ("nbi", "wli") if config.stage == "pagkd" else (stage_modality(config.stage),)
+  required = methods.get(config.stage).data_modalities
   records, splits, report = validate.check_data(data, manifest_path=manifest_path, required_modalities=required)
   for warning in report.warnings:
     logging.warning("data check: %s", warning)

@@ -16,7 +16,8 @@ SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 8, jax.devices()
     from pagkd_jax import base_config, mesh as mesh_lib
     from pagkd_jax.models import resnet
-    from pagkd_jax.training import classifier_step, optimizer
+    from pagkd_jax.methods import classifier
+    from pagkd_jax.training import optimizer
     from pagkd_jax.training.train_state import create_train_state
 
     # The two device counts sum the batch's float32 contributions in different orders (and each instruction set in
@@ -57,7 +58,7 @@ SCRIPT = textwrap.dedent("""
       rep, grp = mesh_lib.replicated(mesh), mesh_lib.group_batch_sharding(mesh)
       state = jax.jit(lambda r: create_train_state(model.init(r, jnp.zeros((1, S, S, 3))), tx),
                       out_shardings=rep)(jax.random.key(0))
-      update = jax.jit(classifier_step.make_classifier_update(model, tx, modality="wli", normalization="imagenet"),
+      update = jax.jit(classifier.make_classifier_update(model, tx, modality="wli", normalization="imagenet"),
                        in_shardings=(rep, {"wli": grp, "label": rep}), out_shardings=(rep, rep), donate_argnums=0)
       losses, grads = [], []
       for b in batches:

@@ -14,13 +14,13 @@ from safetensors.numpy import save_file
 
 from pagkd_jax import checkpointing
 from pagkd_jax import mesh as mesh_lib
+from pagkd_jax.methods import classifier
+from pagkd_jax.methods import pagkd as pagkd_method
 from pagkd_jax.models import pretrained
 from pagkd_jax.models import resnet
 from pagkd_jax.models import torchvision_layout
 from pagkd_jax.models import weight_files
-from pagkd_jax.training import classifier_step
 from pagkd_jax.training import optimizer
-from pagkd_jax.training import pagkd_step
 from pagkd_jax.training import trainer
 
 from training_configs import tiny_synthetic_config
@@ -191,22 +191,22 @@ def test_initial_state_takes_every_backbone_variable_from_init_from(tmp_path):
   mesh = mesh_lib.make_mesh()
   model = resnet.create_resnet("tiny", 3)
   tx = optimizer.make_optimizer(config.optim, 10, 5)
-  state = trainer.initial_state(config, classifier_step.ClassifierProgram("nbi"), model, tx, mesh)
+  state = trainer.initial_state(config, classifier.ClassifierProgram("nbi"), model, tx, mesh)
   _assert_backbone_equal({"params": state.params, "batch_stats": state.batch_stats}, backbone)
   config.model.init_from = ""
-  scratch = trainer.initial_state(config, classifier_step.ClassifierProgram("nbi"), model, tx, mesh)
+  scratch = trainer.initial_state(config, classifier.ClassifierProgram("nbi"), model, tx, mesh)
   np.testing.assert_array_equal(state.params["fc"]["kernel"], scratch.params["fc"]["kernel"])  # Head: random init.
   assert not np.allclose(state.params["conv1"]["kernel"], scratch.params["conv1"]["kernel"])
 
   config.stage, config.model.init_from = "pagkd", str(tmp_path / "weights")
-  state = trainer.initial_state(config, pagkd_step.PaGKDProgram(frozen=()), model, tx, mesh)
+  state = trainer.initial_state(config, pagkd_method.PaGKDProgram(frozen=()), model, tx, mesh)
   _assert_backbone_equal({"params": state.params["student"], "batch_stats": state.batch_stats["student"]}, backbone)
 
   torch_state = random_state(RESNET18, seed=2)
   save_file(torch_state, str(tmp_path / "resnet18.safetensors"))
   config.stage, config.model.name = "teacher", "resnet18"
   config.model.init_from = str(tmp_path / "resnet18.safetensors")
-  state = trainer.initial_state(config, classifier_step.ClassifierProgram("nbi"),
+  state = trainer.initial_state(config, classifier.ClassifierProgram("nbi"),
                                 resnet.create_resnet("resnet18", 3), tx, mesh)
   np.testing.assert_array_equal(state.params["layer3_1"]["conv2"]["kernel"],
                                 torch_state["layer3.1.conv2.weight"].transpose(2, 3, 1, 0))

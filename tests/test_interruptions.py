@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pagkd_jax import checkpointing
-from pagkd_jax.training import classifier_step
+from pagkd_jax.methods import classifier
 from pagkd_jax.training import nonfinite
 from pagkd_jax.training import trainer
 from training_configs import tiny_synthetic_config
@@ -151,7 +151,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_then_rerun_resumes(uninterrupted, 
 
 
 @dataclasses.dataclass(frozen=True)
-class NaNAtStep(classifier_step.ClassifierProgram):
+class NaNAtStep(classifier.ClassifierProgram):
   """The teacher's program with its parameters turned to NaN just before update number `bad_step`, so that step's
   loss, gradients and new parameters are all NaN, as a diverging run's are."""
 

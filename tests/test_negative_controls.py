@@ -15,8 +15,8 @@ from pagkd_jax.data.records import ImageRecord
 from pagkd_jax.distill import pagkd
 from pagkd_jax.distill import prototype_loss
 from pagkd_jax.distill import qformer
-from pagkd_jax.training import pagkd_step
-from pagkd_jax.training.classifier_step import flatten_groups
+from pagkd_jax.methods import pagkd as pagkd_method
+from pagkd_jax.methods.classifier import flatten_groups
 from test_pagkd_step import C, K, S, _setup
 
 
@@ -85,8 +85,8 @@ def _features(config, model, state, teacher, batch):
 
 def _loss(config, model, state, batch):
   """The jitted stage-2 loss of `config`: terms(teacher, step) -> the loss terms (one compilation per config)."""
-  heads = pagkd_step.make_heads(config, C)
-  loss_fn = jax.jit(pagkd_step.make_pagkd_loss(model, heads, config, steps_per_epoch=5))
+  heads = pagkd_method.make_heads(config, C)
+  loss_fn = jax.jit(pagkd_method.make_pagkd_loss(model, heads, config, steps_per_epoch=5))
   return heads, lambda teacher, step=2: loss_fn(state.params, state.batch_stats, jnp.int32(step), batch, teacher)[1][0]
 
 
@@ -111,7 +111,7 @@ def test_permuted_teacher_groups_make_the_wrong_class_the_positive():
   x_wli, x_nbi, s_feat, t_feat, labels = _features(config, model, state, teacher, batch)
   r_wli = pagkd.region_labels(x_wli, s_feat, state.params["student"]["fc"]["kernel"], labels, config.distill)
   r_nbi = pagkd.region_labels(x_nbi, t_feat, teacher["params"]["fc"]["kernel"], labels, config.distill)
-  group = lambda a: pagkd_step.unflatten_groups(a, C)
+  group = lambda a: pagkd_method.unflatten_groups(a, C)
   roll = lambda a: np.roll(np.asarray(group(a)), -1, axis=0)  # Row c = group of class c + 1.
   expected = heads.apply({"params": state.params["heads"]}, group(s_feat), roll(t_feat), jnp.arange(C),
                          group(r_wli), roll(r_nbi))
@@ -167,7 +167,7 @@ def test_random_region_labels_replace_cam_and_par():
   rng_wli, rng_nbi = jax.random.split(jax.random.fold_in(jax.random.key(config.seed + 2), 2))
   r_wli = pagkd.random_region_labels(rng_wli, s_feat.shape[:3])
   r_nbi = pagkd.random_region_labels(rng_nbi, t_feat.shape[:3])
-  group = lambda a: pagkd_step.unflatten_groups(a, C)
+  group = lambda a: pagkd_method.unflatten_groups(a, C)
   expected = heads.apply({"params": state.params["heads"]}, group(s_feat), group(t_feat), jnp.arange(C),
                          group(r_wli), group(r_nbi))
   np.testing.assert_allclose(float(terms["loss_den"]), float(expected["loss_den"]), rtol=1e-4)
@@ -201,7 +201,7 @@ def test_diagnostics_match_explicit_gradients_and_token_norms():
   x_wli, x_nbi, s_feat, t_feat, labels = _features(config, model, state, teacher, batch)
   r_wli = pagkd.region_labels(x_wli, s_feat, state.params["student"]["fc"]["kernel"], labels, config.distill)
   r_nbi = pagkd.region_labels(x_nbi, t_feat, teacher["params"]["fc"]["kernel"], labels, config.distill)
-  group = lambda a: pagkd_step.unflatten_groups(a, C)
+  group = lambda a: pagkd_method.unflatten_groups(a, C)
   params = state.params["heads"]
 
   def term(name):
@@ -233,10 +233,10 @@ def test_diagnostics_match_explicit_gradients_and_token_norms():
 def test_gradient_norm_diagnostics_leave_the_update_unchanged():
   config, model, tx, state, teacher, batch = _setup()
   config.train.log_grad_norms = False
-  off = pagkd_step.make_pagkd_update(model, pagkd_step.make_heads(config, C), tx, config, 5)
+  off = pagkd_method.make_pagkd_update(model, pagkd_method.make_heads(config, C), tx, config, 5)
   on_config = _setup()[0]
   on_config.train.log_grad_norms = True
-  on = pagkd_step.make_pagkd_update(model, pagkd_step.make_heads(on_config, C), tx, on_config, 5)
+  on = pagkd_method.make_pagkd_update(model, pagkd_method.make_heads(on_config, C), tx, on_config, 5)
   state_off, metrics_off = jax.jit(off)(state, batch, teacher)
   state_on, metrics_on = jax.jit(on)(state, batch, teacher)
   assert "diag/grad_pro_layer4" not in metrics_off and float(metrics_on["diag/grad_pro_layer4"]) > 0

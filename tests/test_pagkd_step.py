@@ -11,8 +11,9 @@ import pytest
 
 from pagkd_jax import base_config
 from pagkd_jax.distill import pagkd, srca
+from pagkd_jax.methods import pagkd as pagkd_method
 from pagkd_jax.models import resnet
-from pagkd_jax.training import optimizer, pagkd_step
+from pagkd_jax.training import optimizer
 from subprocess_env import env_with_xla_flags
 
 C, K, S = 3, 4, 24
@@ -32,7 +33,7 @@ def _setup(group_size=K, **distill):
     config.distill[k] = v
   model = resnet.create_resnet("tiny", C)
   tx = optimizer.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5)
-  program = pagkd_step.PaGKDProgram(frozen=())
+  program = pagkd_method.PaGKDProgram(frozen=())
   state = program.init_state(model, tx, jax.random.key(0), config)
   teacher = model.init(jax.random.key(7), jnp.zeros((1, S, S, 3)))
   # A teacher with non-trivial running statistics, as a trained one has.
@@ -46,8 +47,8 @@ def _setup(group_size=K, **distill):
 
 
 def _grads(config, model, state, teacher, batch, step=0):
-  heads = pagkd_step.make_heads(config, C)
-  loss_fn = pagkd_step.make_pagkd_loss(model, heads, config, steps_per_epoch=5)
+  heads = pagkd_method.make_heads(config, C)
+  loss_fn = pagkd_method.make_pagkd_loss(model, heads, config, steps_per_epoch=5)
   f = lambda params, teacher: loss_fn(params, state.batch_stats, jnp.int32(step), batch, teacher)[0]
   return jax.jit(jax.grad(f, argnums=(0, 1)))(state.params, teacher), jax.jit(loss_fn)
 
@@ -95,9 +96,9 @@ def test_heads_and_their_adam_state_stay_untouched_until_distillation(use_losses
   """As torch's Adam with parameters that get no gradient: the warm-up neither decays nor advances the heads."""
   config, model, _, state, teacher, batch = _setup(warmup_epochs=1.0, use_pro=use_losses, use_den=use_losses)
   tx = optimizer.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5,
-                                gated_params=pagkd_step.PaGKDProgram.gated_params)
+                                gated_params=pagkd_method.PaGKDProgram.gated_params)
   state = state.replace(opt_state=tx.init(state.params))
-  update = jax.jit(pagkd_step.make_pagkd_update(model, pagkd_step.make_heads(config, C), tx, config, 5))
+  update = jax.jit(pagkd_method.make_pagkd_update(model, pagkd_method.make_heads(config, C), tx, config, 5))
   warm = state
   for _ in range(2):  # Steps 0 and 1 of the 5 warm-up steps.
     warm, _ = update(warm, batch, teacher)
@@ -114,7 +115,7 @@ def test_heads_and_their_adam_state_stay_untouched_until_distillation(use_losses
     assert not any(moved)
   # An optimiser without the gate would move the heads during the warm-up (L2 decay through Adam).
   plain = optimizer.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5)
-  plain_update = jax.jit(pagkd_step.make_pagkd_update(model, pagkd_step.make_heads(config, C), plain, config, 5))
+  plain_update = jax.jit(pagkd_method.make_pagkd_update(model, pagkd_method.make_heads(config, C), plain, config, 5))
   moved_plain, _ = plain_update(state.replace(opt_state=plain.init(state.params)), batch, teacher)
   assert not _equal_trees(moved_plain.params["heads"], state.params["heads"])
 
@@ -124,7 +125,7 @@ def test_release_heads_have_the_releases_initialisation():
   config, *_ = _setup(variant="release", embed_dim=64)
   feats = jnp.zeros((C, 2, 2, 2, 512))
   regions = jnp.zeros((C, 2, 2, 2), jnp.int8)
-  init = lambda cfg: pagkd_step.make_heads(cfg, C).init(jax.random.key(0), feats, feats, jnp.arange(C), regions,
+  init = lambda cfg: pagkd_method.make_heads(cfg, C).init(jax.random.key(0), feats, feats, jnp.arange(C), regions,
                                                          regions)["params"]
   heads = init(config)
   student = np.asarray(heads["student_embed"]["kernel"], np.float64)  # (F, d) = torch's (d, F, 1, 1).T
@@ -148,7 +149,7 @@ def test_release_dense_loss_is_a_sum_over_classes_of_per_class_means_at_both_lev
   rng = np.random.default_rng(1)
   f_s, f_t = (jnp.asarray(rng.normal(size=(C, 1, 3, 3, 16)), jnp.float32) for _ in range(2))
   r_s, r_t = (jnp.asarray(rng.integers(-1, 2, size=(C, 1, 3, 3)), jnp.int8) for _ in range(2))
-  heads = pagkd_step.make_heads(config, C)
+  heads = pagkd_method.make_heads(config, C)
   params = heads.init(jax.random.key(0), f_s, f_t, jnp.arange(C), r_s, r_t)
   per_class = heads.apply(params, f_s, f_t, jnp.arange(C), r_s, r_t)["loss_den"]
   copies = lambda x: jnp.repeat(x, K, axis=0)
@@ -181,7 +182,7 @@ def test_switches_remove_their_parts():
   _, (terms, _) = loss_fn(state.params, state.batch_stats, jnp.int32(0), batch, teacher)
   assert float(terms["loss_pro"]) == 0 and "den/loss/wli_to_nbi" not in terms and "den/loss/nbi_to_wli" in terms
   config, *_ = _setup(use_den=False)
-  state = pagkd_step.PaGKDProgram(frozen=()).init_state(model, optimizer.make_optimizer(config.optim, 10, 5),
+  state = pagkd_method.PaGKDProgram(frozen=()).init_state(model, optimizer.make_optimizer(config.optim, 10, 5),
                                                         jax.random.key(0), config)
   assert "srca" not in state.params["heads"]
 
@@ -197,8 +198,8 @@ def test_pair_images_permutes_within_each_class():
 def test_image_level_equals_heads_on_explicit_pairs():
   """The image-level ablation = the heads applied to C*K groups of one (WLI image, paired NBI image)."""
   config, model, _, state, teacher, batch = _setup(level="image")
-  heads = pagkd_step.make_heads(config, C)
-  loss_fn = pagkd_step.make_pagkd_loss(model, heads, config, steps_per_epoch=5)
+  heads = pagkd_method.make_heads(config, C)
+  loss_fn = pagkd_method.make_pagkd_loss(model, heads, config, steps_per_epoch=5)
   _, (terms, _) = loss_fn(state.params, state.batch_stats, jnp.int32(2), batch, teacher)
 
   # The same computation written out by hand, image by image.
@@ -227,7 +228,7 @@ sys.path.insert(0, "tests")
 assert jax.device_count() == 8
 import test_pagkd_step as t
 from pagkd_jax import mesh as mesh_lib
-from pagkd_jax.training import pagkd_step
+from pagkd_jax.methods import pagkd as pagkd_method
 
 import optax
 # Plain SGD: parameter displacements are then lr times the summed gradients (Adam's normalisation would blow float
@@ -246,7 +247,7 @@ state0 = state0.replace(opt_state=tx.init(state0.params))
 def run(devices):
   mesh = mesh_lib.make_mesh(devices)
   rep, grp = mesh_lib.replicated(mesh), mesh_lib.group_batch_sharding(mesh)
-  update = jax.jit(pagkd_step.make_pagkd_update(model, pagkd_step.make_heads(config, t.C), tx, config, 5),
+  update = jax.jit(pagkd_method.make_pagkd_update(model, pagkd_method.make_heads(config, t.C), tx, config, 5),
                    in_shardings=(rep, {"wli": grp, "nbi": grp, "label": rep}, rep), out_shardings=(rep, rep),
                    donate_argnums=0)
   state = jax.device_put(jax.tree.map(jnp.copy, state0), rep)
@@ -300,13 +301,13 @@ def test_resnet50_pagkd_step_smoke():
   config.distill.warmup_epochs = 0.0
   model = resnet.create_resnet("resnet50", 2)
   tx = optimizer.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5)
-  program = pagkd_step.PaGKDProgram(frozen=())
+  program = pagkd_method.PaGKDProgram(frozen=())
   state = jax.jit(lambda r: program.init_state(model, tx, r, config))(jax.random.key(0))
   teacher = jax.jit(lambda r: model.init(r, jnp.zeros((1, 64, 64, 3))))(jax.random.key(1))
   rng = np.random.default_rng(0)
   batch = {m: rng.integers(0, 256, (2, 2, 64, 64, 3), dtype=np.uint8) for m in ("wli", "nbi")}
   batch["label"] = np.arange(2, dtype=np.int32)
-  update = jax.jit(pagkd_step.make_pagkd_update(model, pagkd_step.make_heads(config, 2), tx, config, 5))
+  update = jax.jit(pagkd_method.make_pagkd_update(model, pagkd_method.make_heads(config, 2), tx, config, 5))
   before = np.asarray(state.params["student"]["layer4_0"]["conv2"]["kernel"])
   state, metrics = update(state, batch, teacher)
   assert state.params["heads"]["student_embed"]["kernel"].shape == (2048, 128)

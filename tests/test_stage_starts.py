@@ -14,11 +14,11 @@ from pagkd_jax import checkpointing
 from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data import class_groups
+from pagkd_jax.methods import classifier
+from pagkd_jax.methods import pagkd as pagkd_method
 from pagkd_jax.models import pretrained
 from pagkd_jax.models import resnet
-from pagkd_jax.training import classifier_step
 from pagkd_jax.training import optimizer
-from pagkd_jax.training import pagkd_step
 from pagkd_jax.training import trainer
 from training_configs import tiny_synthetic_config
 
@@ -100,10 +100,10 @@ def test_init_from_a_workdir_starts_every_stage_from_its_best_backbone(runs, dat
   model = resnet.create_resnet("tiny", 3)
   config = tiny_synthetic_config(data_dir, stage="baseline")
   tx = optimizer.make_optimizer(config.optim, 10, 5)
-  scratch = trainer.initial_state(config, classifier_step.ClassifierProgram("wli"), model, tx, mesh)
+  scratch = trainer.initial_state(config, classifier.ClassifierProgram("wli"), model, tx, mesh)
   config.model.init_from = workdir
-  for stage, program in (("baseline", classifier_step.ClassifierProgram("wli")),
-                         ("pagkd", pagkd_step.PaGKDProgram(frozen=()))):
+  for stage, program in (("baseline", classifier.ClassifierProgram("wli")),
+                         ("pagkd", pagkd_method.PaGKDProgram(frozen=()))):
     config.stage = stage
     state = trainer.initial_state(config, program, model, tx, mesh)
     params = state.params["student"] if stage == "pagkd" else state.params
@@ -175,7 +175,8 @@ def test_selection_rule():
   from pagkd_jax import base_config
   config = base_config.get_config()
   config.distill.warmup_epochs = 2.0  # 10 steps at 5 steps per epoch.
-  picks = lambda: [s for s in range(1, 31) if trainer.selectable_as_best(config, s, 30, 5)]
+  student = pagkd_method.PaGKDProgram(frozen=())
+  picks = lambda program=student: [s for s in range(1, 31) if trainer.selectable_as_best(config, program, s, 30, 5)]
   assert [s for s in range(1, 31) if experiment.distillation_on(config, s, 5)] == list(range(11, 31))
   assert picks() == list(range(11, 31))
   config.train.select_after_warmup = False
@@ -186,9 +187,10 @@ def test_selection_rule():
   config.distill.warmup_epochs = 2.0
   config.distill.use_pro = config.distill.use_den = False  # The control chooses among the distilling arms' steps.
   assert picks() == list(range(11, 31)) and not experiment.distillation_on(config, 30, 5)
-  for stage in ("teacher", "baseline"):
+  for stage, modality in (("teacher", "nbi"), ("baseline", "wli")):
     config.stage = stage
-    assert picks() == list(range(1, 31)) and not experiment.distillation_on(config, 30, 5)
+    assert picks(classifier.ClassifierProgram(modality)) == list(range(1, 31))
+    assert not experiment.distillation_on(config, 30, 5)
 
 
 def test_control_chooses_among_the_steps_after_the_warmup(runs):

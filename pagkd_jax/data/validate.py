@@ -361,7 +361,8 @@ def _main(argv: Sequence[str]) -> int:
     for name in ("image_size", "group_size", "num_folds", "fold", "val_fraction", "split_seed"):
       if fl[name].value is not None:
         data[name] = fl[name].value
-  required = {"teacher": ("nbi",), "baseline": ("wli",)}.get(stage, MODALITIES)
+  from pagkd_jax import methods  # pylint: disable=g-import-not-at-top  (the command line only: the stage table)
+  required = methods.get(stage).data_modalities
   try:
     _, _, report = check_data(data, manifest_path=manifest_path, required_modalities=required)
   except (FileNotFoundError, ValueError) as e:
@@ -380,6 +381,8 @@ def main() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+  from pagkd_jax import methods  # pylint: disable=g-import-not-at-top  (the command line only: the stage table)
+
   config_flags.DEFINE_config_file("config", None, "Configuration file (configs/<name>.py[:arg]); the positional "
                                   "argument when it names a .py file.")
   flags.DEFINE_string("classes", None, "Manifest mode: comma-separated class names (default: the base config's).")
@@ -389,7 +392,7 @@ def main() -> None:
   flags.DEFINE_integer("fold", None, "Manifest mode: test fold.")
   flags.DEFINE_float("val_fraction", None, "Manifest mode: validation fraction.")
   flags.DEFINE_integer("split_seed", None, "Manifest mode: split seed.")
-  flags.DEFINE_enum("stage", "pagkd", ["pagkd", "teacher", "baseline"],
+  flags.DEFINE_enum("stage", "pagkd", list(methods.STAGES),
                     "Manifest mode: the stage (which modalities every class needs).")
   argv = list(sys.argv)
   # A positional config file becomes --config=..., so that --config.data.X=... overrides apply to it.

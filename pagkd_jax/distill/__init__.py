@@ -1,1 +1,1 @@
-"""Group-level distillation: GKD-Pro and GKD-Den."""
+"""Distillation losses: group-level GKD-Pro and GKD-Den, and the losses of the paired comparison methods."""

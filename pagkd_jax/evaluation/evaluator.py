@@ -15,6 +15,7 @@ from absl import logging
 from pagkd_jax import checkpointing
 from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
+from pagkd_jax import methods
 from pagkd_jax.data import augment
 from pagkd_jax.data import class_groups
 from pagkd_jax.data import image_io
@@ -63,7 +64,7 @@ def evaluate_workdir(workdir: str, which: str = "best") -> dict:
   config = load_config(workdir)
   data = experiment.load_split_data(config, skipped_files_of=workdir)
   classes = data.classes
-  modality = experiment.stage_modality(config.stage)
+  modality = methods.stage_modality(config.stage)
   test_records = data.select("test", modality)
   if not test_records:
     raise ValueError(f"{workdir}: the test split has no {modality.upper()} images.")
@@ -106,7 +107,7 @@ def _distillation_record(workdir: str, config, data, kind: str, step: int) -> di
   run ships a model that never saw it."""
   if config.stage != "pagkd":
     return {"distillation_on": False, "distillation_warmup_steps": None}
-  modality = experiment.stage_modality(config.stage)
+  modality = methods.stage_modality(config.stage)
   steps_per_epoch = class_groups.steps_per_epoch(data.select("train", None), data.classes, modality,
                                                  int(config.data.group_size))
   warmup = experiment.distillation_warmup_steps(config, steps_per_epoch)
@@ -133,7 +134,7 @@ def _restore_classifier(workdir: str, model, size: int, which: str):
 def _region_agreement(workdir, config, data, model, variables, test_records, which) -> dict:
   """Synthetic data: region labels of the evaluated model on its test images, and for a stage-2 run those of its
   NBI teacher (best checkpoint) on the NBI test images, against the true lesion discs (region_agreement.py)."""
-  modality = experiment.stage_modality(config.stage)
+  modality = methods.stage_modality(config.stage)
   result = {"model": {"modality": modality,
                       **region_agreement.evaluate_region_agreement(model, variables, test_records, config)}}
   if config.stage == "pagkd":

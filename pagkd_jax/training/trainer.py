@@ -1,8 +1,8 @@
 """The training loop: data, model, one jitted update over the device mesh, validation, checkpoints, logs.
 
-`train_and_evaluate(config, workdir)` trains the stage named by `config.stage` and resumes from the latest
-checkpoint in `workdir` when there is one: the state and the data-iterator position are restored, so the
-resumed run takes exactly the steps an uninterrupted run would.
+`train_and_evaluate(config, workdir)` trains the stage named by `config.stage` with its method (the table in
+`pagkd_jax.methods`) and resumes from the latest checkpoint in `workdir` when there is one: the state and the
+data-iterator position are restored, so the resumed run takes exactly the steps an uninterrupted run would.
 """
 
 import json
@@ -18,12 +18,12 @@ from flax import traverse_util
 from pagkd_jax import checkpointing
 from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
+from pagkd_jax import methods
 from pagkd_jax.data import class_groups
 from pagkd_jax.evaluation import inference
 from pagkd_jax.evaluation import metrics as metrics_lib
 from pagkd_jax.models import pretrained
 from pagkd_jax.models import torchvision_layout
-from pagkd_jax.training import classifier_step
 from pagkd_jax.training import metric_log
 from pagkd_jax.training import nonfinite
 from pagkd_jax.training import optimizer as optimizer_lib
@@ -77,14 +77,14 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return max(1, math.ceil(config.train.epochs * steps_per_epoch))
 
 
-def selectable_as_best(config, step: int, num_steps: int, steps_per_epoch: int) -> bool:
-  """Whether the validation of `step` may choose the best checkpoint. With `train.select_after_warmup`, a stage-2
-  run chooses among the steps after its cross-entropy warm-up (those with distillation on, where a loss is on); the
-  control with both losses off chooses among the same steps, so it is compared with the distilling arms on equal
-  terms. The last step always may, so every run has a best checkpoint."""
-  if step == num_steps or config.stage != "pagkd" or not config.train.select_after_warmup:
+def selectable_as_best(config, program, step: int, num_steps: int, steps_per_epoch: int) -> bool:
+  """Whether the validation of `step` may choose the best checkpoint. With `train.select_after_warmup`, a program
+  with a warm-up (`program.selection_warmup_steps`, e.g. stage 2's cross-entropy warm-up) chooses among the steps
+  after it. The last step always may, so every run has a best checkpoint."""
+  if step == num_steps or not config.train.select_after_warmup:
     return True
-  return step > experiment.distillation_warmup_steps(config, steps_per_epoch)
+  warmup = getattr(program, "selection_warmup_steps", None)
+  return warmup is None or step > warmup(config, steps_per_epoch)
 
 
 def validate(predict_fn, variables, records, classes, config, mesh) -> dict:
@@ -99,12 +99,9 @@ def validate(predict_fn, variables, records, classes, config, mesh) -> dict:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config.stage` in `workdir`; returns the last validation metrics and the best checkpoint's."""
-  modality = experiment.stage_modality(config.stage)
-  if config.stage == "pagkd":
-    from pagkd_jax.training import pagkd_step  # The distillation stage, with its teacher.
-    return pagkd_step.train_student(config, workdir, run_stage)
-  return run_stage(config, workdir, classifier_step.ClassifierProgram(modality))
+  """Trains `config.stage` in `workdir` with the stage's method; returns the last validation metrics and the best
+  checkpoint's."""
+  return methods.get(config.stage).train(config, workdir, run_stage)
 
 
 def initial_state(config, program, model, tx, mesh, load_backbone: bool = True):
@@ -127,16 +124,10 @@ def initial_state(config, program, model, tx, mesh, load_backbone: bool = True):
 
 
 def run_stage(config, workdir: str, program) -> dict:
-  """The loop shared by every stage; `program` says what is trained (see `classifier_step.ClassifierProgram`).
-
-  `program.modalities`: the modalities its batches hold; `program.init_state(model, tx, rng, config, backbone)`;
-  `program.make_update(model, tx, config, steps_per_epoch)` -> pure update(state, batch, *frozen) -> (state, metrics);
-  `program.frozen`: extra inputs of the update that are never trained, donated or checkpointed (a teacher);
-  `program.gated_params` (optional): parameter groups its optimiser updates only when the update says so;
-  `program.eval_variables(state)`: the {"params", "batch_stats"} of the classifier that is evaluated.
-  """
+  """The loop shared by every stage; `program` says what is trained (what a program supplies: the
+  `pagkd_jax.methods` docstring)."""
   workdir = os.path.abspath(workdir)
-  experiment.stage_modality(config.stage)  # An unknown stage fails here, before anything is written.
+  methods.get(config.stage)  # An unknown stage fails here, before anything is written.
   if config.train.on_nonfinite not in nonfinite.MODES:
     raise ValueError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}; expected one of {nonfinite.MODES}.")
   resuming = checkpointing.latest_checkpoint_step(workdir) is not None
@@ -153,7 +144,7 @@ def run_stage(config, workdir: str, program) -> dict:
 
 
 def _train_loop(config, workdir, program, resuming, watch, opened):
-  modality = experiment.stage_modality(config.stage)
+  modality = methods.stage_modality(config.stage)
   data = experiment.load_split_data(config, workdir)  # Checks every image first; nothing is created before.
   ckpts = checkpointing.RunCheckpoints(workdir, keep_latest=config.train.keep_latest)
   opened.append(ckpts)
@@ -251,7 +242,7 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
       log.write(step, {f"val/{k}": v for k, v in val.items() if v is not None})
       logging.info("step %d validation: %s", step, json.dumps(val))
       best = meta["best_val_auc"]
-      selectable = selectable_as_best(config, step, num_steps, steps_per_epoch)
+      selectable = selectable_as_best(config, program, step, num_steps, steps_per_epoch)
       if not selectable:
         logging.info("step %d is in the distillation warm-up: not eligible as the best checkpoint "
                      "(config.train.select_after_warmup).", step)

@@ -1,7 +1,8 @@
-"""Update function of the single-modality stages: the NBI teacher and the WLI-only baseline.
+"""The single-modality methods (stages "teacher" and "baseline"): the NBI teacher and the WLI-only baseline.
 
-Cross-entropy on a class-group batch {modality: (C, K, H, W, 3) uint8, "label": (C,)}. The function is pure; the
-trainer jits it once with explicit shardings and donates the state.
+Cross-entropy on a class-group batch {modality: (C, K, H, W, 3) uint8, "label": (C,)}; the modality is the stage's
+(`methods.stage_modality`). The update is pure; the trainer jits it once with explicit shardings and donates the
+state. What a method supplies: the `pagkd_jax.methods` docstring.
 """
 
 import dataclasses
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pagkd_jax import methods
 from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.models import pretrained
 from pagkd_jax.training.train_state import TrainState, create_train_state
@@ -68,7 +70,7 @@ def init_classifier(model, rng, config, backbone=None) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierProgram:
-  """What `trainer.run_stage` trains for the teacher and baseline stages: the ResNet alone."""
+  """What `trainer.run_stage` trains for the teacher and baseline stages: the ResNet alone, on `modality`."""
 
   modality: str
   frozen: tuple = ()
@@ -87,3 +89,8 @@ class ClassifierProgram:
 
   def eval_variables(self, state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def train(config, workdir: str, run_stage: Callable) -> dict:
+  """Trains the classifier of `config.stage` ("teacher": NBI, "baseline": WLI) in `workdir`."""
+  return run_stage(config, workdir, ClassifierProgram(methods.stage_modality(config.stage)))

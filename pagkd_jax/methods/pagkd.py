@@ -1,4 +1,6 @@
-"""Stage 2: the WLI student trained with cross-entropy plus GKD-Pro and GKD-Den from a frozen NBI teacher.
+"""The PaGKD method (stage "pagkd"): the NBI teacher (`classifier`), then the WLI student trained with
+cross-entropy plus GKD-Pro and GKD-Den from the frozen teacher. What a method supplies: the `pagkd_jax.methods`
+docstring.
 
 The teacher runs in inference mode (BatchNorm running statistics) under stop_gradient; its variables are an
 input of the update, never trained, never donated and not checkpointed with the student. The student, its head
@@ -23,8 +25,8 @@ from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import pagkd
-from pagkd_jax.training import classifier_step
-from pagkd_jax.training.classifier_step import flatten_groups, group_labels
+from pagkd_jax.methods import classifier
+from pagkd_jax.methods.classifier import flatten_groups, group_labels
 from pagkd_jax.training.train_state import TrainState
 
 
@@ -52,10 +54,10 @@ class PaGKDProgram:
   gated_params: tuple = ("heads",)
 
   def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
-    """The student exactly as the baseline starts (`classifier_step.init_classifier` from `rng`, with `backbone`:
+    """The student exactly as the baseline starts (`classifier.init_classifier` from `rng`, with `backbone`:
     pretrained variables, all but the head, that replace it); the distillation heads from a key folded from `rng`."""
     size, num_classes, k = config.data.image_size, len(config.data.classes), config.data.group_size
-    student = classifier_step.init_classifier(model, rng, config, backbone)
+    student = classifier.init_classifier(model, rng, config, backbone)
     heads_rng = jax.random.fold_in(rng, HEADS_KEY_TAG)
     _, features = jax.eval_shape(lambda: model.apply(student, jnp.zeros((1, size, size, 3)), train=False))
     _, h, w, f = features.shape
@@ -71,6 +73,12 @@ class PaGKDProgram:
 
   def make_update(self, model, tx, config, steps_per_epoch: int) -> Callable:
     return make_pagkd_update(model, make_heads(config, len(config.data.classes)), tx, config, steps_per_epoch)
+
+  def selection_warmup_steps(self, config, steps_per_epoch: int) -> int:
+    """The cross-entropy warm-up: with `train.select_after_warmup`, the best checkpoint is chosen among the steps
+    after it (those with distillation on). The control with both losses off has the same warm-up, so it is compared
+    with the distilling arms on equal terms."""
+    return experiment.distillation_warmup_steps(config, steps_per_epoch)
 
   def eval_variables(self, state: TrainState) -> dict:
     return {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
@@ -237,14 +245,14 @@ def load_teacher(teacher_dir: str, config, model) -> Any:
   return variables
 
 
-def train_student(config, workdir: str, run_stage: Callable) -> dict:
+def train(config, workdir: str, run_stage: Callable) -> dict:
   """Stage 2, with stage 1 first when needed: trains the NBI teacher in WORKDIR/teacher unless
   `config.teacher.workdir` names one (both resume), then the student in WORKDIR."""
   workdir = os.path.abspath(workdir)
   teacher_dir = config.teacher.workdir or os.path.join(workdir, "teacher")
   if not config.teacher.workdir:
     logging.info("Stage 1: NBI teacher in %s", teacher_dir)
-    run_stage(teacher_config(config), teacher_dir, classifier_step.ClassifierProgram("nbi"))
+    run_stage(teacher_config(config), teacher_dir, classifier.ClassifierProgram("nbi"))
   elif not os.path.isdir(teacher_dir):
     raise FileNotFoundError(f"config.teacher.workdir={teacher_dir} does not exist.")
   model = experiment.build_model(config)

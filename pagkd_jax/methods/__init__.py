@@ -1,0 +1,64 @@
+"""Training methods: the table that maps `config.stage` to the method that trains it.
+
+Each method is one module of this package with a function
+
+  train(config, workdir, run_stage) -> dict
+
+that trains `config.stage` in `workdir` by calling `run_stage(config, workdir, program)` (`trainer.run_stage`, the
+loop every method shares) once per run it needs (stage "pagkd" trains its NBI teacher first), and returns the last
+run's result. The trainer looks the stage up here (`get(config.stage).train(...)`) and names no method itself.
+
+A program says what the loop trains:
+
+  program.modalities: the modalities its class-group batches hold, e.g. ("wli", "nbi");
+  program.init_state(model, tx, rng, config, backbone) -> TrainState: the state before the first update
+      (`backbone`: pretrained variables, all but the head, or None);
+  program.make_update(model, tx, config, steps_per_epoch) -> a pure update(state, batch, *frozen) -> (state, metrics)
+      that the loop jits once over the device mesh, with the state donated;
+  program.frozen: a tuple of extra inputs of the update that are never trained, donated or checkpointed (a teacher);
+  program.gated_params (optional, default ()): top-level parameter groups its optimiser updates only when the update
+      passes `gated_on=True` (`optimizer.make_optimizer`);
+  program.selection_warmup_steps(config, steps_per_epoch) (optional, default 0): updates of a warm-up whose
+      validations may not choose the best checkpoint when `train.select_after_warmup` is set;
+  program.eval_variables(state) -> {"params", "batch_stats"}: the classifier that is validated and shipped.
+
+This module imports nothing of the project, so any module (the config check, the data split, the trainer) can read
+the table without importing a method; a method's module is imported when it trains.
+"""
+
+import dataclasses
+import importlib
+from typing import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One value of `config.stage`."""
+
+  module: str  # The module whose `train(config, workdir, run_stage)` trains the stage.
+  modality: str  # The modality of the classifier it ships: what it is validated and tested on.
+  data_modalities: tuple[str, ...]  # The modalities every class of the training data must have.
+
+  def train(self, config, workdir: str, run_stage: Callable) -> dict:
+    return importlib.import_module(self.module).train(config, workdir, run_stage)
+
+
+METHODS: dict[str, Method] = {
+    "teacher": Method("pagkd_jax.methods.classifier", "nbi", ("nbi",)),  # The NBI classifier (cross-entropy).
+    "baseline": Method("pagkd_jax.methods.classifier", "wli", ("wli",)),  # The WLI-only classifier.
+    "pagkd": Method("pagkd_jax.methods.pagkd", "wli", ("nbi", "wli")),  # The NBI teacher, then the WLI student.
+}
+
+STAGES = tuple(METHODS)  # The values of config.stage.
+
+
+def get(stage: str) -> Method:
+  """The method of `stage` (a value of config.stage); an unknown stage raises ValueError naming the known ones."""
+  if stage not in METHODS:
+    raise ValueError(f"Unknown config.stage {stage!r}; expected one of {STAGES}.")
+  return METHODS[stage]
+
+
+def stage_modality(stage: str) -> str:
+  """The modality a stage trains and is evaluated on: NBI for the teacher, WLI otherwise."""
+  return get(stage).modality
