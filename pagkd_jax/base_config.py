@@ -151,6 +151,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Negative controls (distillation that must not help). Teacher groups given the wrong class: the WLI group of
   # class c is distilled from the NBI group of class (c + shift) mod C (GKD-Pro and GKD-Den); 0 = the method.
   d.teacher_class_shift = 0
+  # True: the shift is drawn afresh at every step, uniformly from 1..C-1, so each WLI group meets the NBI group of
+  # another class and no class correspondence holds from one step to the next (a fixed shift keeps one: a relabelling
+  # the group losses can still learn). Needs C >= 3 and teacher_class_shift 0.
+  d.teacher_class_shift_per_step = False
   d.region_labels = "cam_par"  # "cam_par" (spec 5.1-5.3) or "random" (negative control: i.i.d. labels per position).
   d.random_region_fractions = (1 / 3, 1 / 3, 1 / 3)  # Probabilities of lesion, background, ambiguous ("random").
   return config

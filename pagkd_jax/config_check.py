@@ -171,6 +171,10 @@ def _default_proj_dim_ok(embed_dim, proj_dim, use_den, variant) -> bool:
           or not in_range(embed_dim, integer=True, minimum=1) or embed_dim // 4 >= 1)
 
 
+def _per_step_shift_ok(per_step, classes, shift) -> bool:
+  return per_step is not True or (is_sequence(classes) and len(classes) >= 3 and shift == 0)
+
+
 def _synthetic_size_ok(synthetic_size, image_size, enabled) -> bool:
   return enabled is not True or not (is_int(synthetic_size) and is_int(image_size)) or synthetic_size >= image_size
 
@@ -327,6 +331,10 @@ RULES: list[Rule] = [
     number("distill.par_temperature", above=0),
     number("distill.par_pos_weight", minimum=0),
     number("distill.teacher_class_shift", integer=True),
+    flag("distill.teacher_class_shift_per_step"),
+    Rule("distill.teacher_class_shift_per_step", _per_step_shift_ok,
+         "False unless data.classes has at least 3 classes (with 2 the only other class is fixed) and "
+         "distill.teacher_class_shift is 0", uses=("data.classes", "distill.teacher_class_shift")),
     choice("distill.region_labels", pagkd.REGION_LABEL_SOURCES),
     Rule("distill.random_region_fractions", lambda f: is_sequence(f) and len(f) == 3
          and all(in_range(x, minimum=0) for x in f) and sum(f) > 0,

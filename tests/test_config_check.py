@@ -185,6 +185,14 @@ BROKEN = [
     ({"distill.par_temperature": 0.0}, ["distill.par_temperature=0.0: expected a number > 0"]),
     ({"distill.par_pos_weight": -0.01}, ["distill.par_pos_weight=-0.01: expected a number >= 0"]),
     ({"distill.teacher_class_shift": 0.5}, ["distill.teacher_class_shift=0.5: expected an integer"]),
+    ({"distill.teacher_class_shift_per_step": 1}, [
+        "distill.teacher_class_shift_per_step=1: expected True or False"]),
+    ({"distill.teacher_class_shift_per_step": True, "distill.teacher_class_shift": 1}, [
+        "distill.teacher_class_shift_per_step=True: expected False unless data.classes has at least 3 classes "
+        "(with 2 the only other class is fixed) and distill.teacher_class_shift is 0"]),
+    ({"distill.teacher_class_shift_per_step": True, "data.classes": ["a", "b"]}, [
+        "distill.teacher_class_shift_per_step=True: expected False unless data.classes has at least 3 classes "
+        "(with 2 the only other class is fixed) and distill.teacher_class_shift is 0"]),
     ({"distill.region_labels": "cams"}, ["distill.region_labels='cams': expected one of 'cam_par', 'random'"]),
     ({"distill.random_region_fractions": (0.5, 0.5)}, [
         "distill.random_region_fractions=(0.5, 0.5): expected three numbers >= 0 with a positive sum (lesion, "

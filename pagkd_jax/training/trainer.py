@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from pagkd_jax import base_config
 from pagkd_jax import checkpointing
 from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
@@ -54,8 +55,13 @@ def check_resume_config(config, workdir: str) -> None:
   with open(path) as f:
     old = json.load(f)
   changes = config_changes(old, json.loads(config.to_json_best_effort()))
-  blocking = [c for c in changes if not any(c[0] == r or (r.endswith(".") and c[0].startswith(r))
-                                            for r in RESUMABLE_CHANGES)]
+  # A value added to the project after the run was saved, at its default, is what the run did (a new option's
+  # default keeps the old behaviour).
+  saved = traverse_util.flatten_dict(old, sep=".")
+  defaults = traverse_util.flatten_dict(json.loads(base_config.get_config().to_json_best_effort()), sep=".")
+  added_at_default = {k for k, _, b in changes if k not in saved and k in defaults and defaults[k] == b}
+  blocking = [c for c in changes if c[0] not in added_at_default
+              and not any(c[0] == r or (r.endswith(".") and c[0].startswith(r)) for r in RESUMABLE_CHANGES)]
   if blocking:
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in blocking)
     raise ValueError(f"{workdir} holds a run with another configuration ({listed}). Resuming it would mix two "
