@@ -113,35 +113,38 @@ def describe(record: ImageRecord, source: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class _ImageFacts:
+class ImageFacts:
+  """What reading one image found: its content hash and size, or `problem` (why it cannot be used)."""
+
   digest: str = ""
   height: int = 0
   width: int = 0
   problem: str = ""
 
 
-def _inspect(record: ImageRecord) -> _ImageFacts:
+def _inspect(record: ImageRecord) -> ImageFacts:
   """Reads and decodes one image once: its content hash and size, or what is wrong with the file."""
   try:
     data = image_io.read_encoded(record)
   except FileNotFoundError:
-    return _ImageFacts(problem="file not found")
+    return ImageFacts(problem="file not found")
   except IsADirectoryError:
-    return _ImageFacts(problem="is a folder, not an image file")
+    return ImageFacts(problem="is a folder, not an image file")
   except OSError as e:
-    return _ImageFacts(problem=f"cannot read file ({type(e).__name__}: {e.strerror or e})")
+    return ImageFacts(problem=f"cannot read file ({type(e).__name__}: {e.strerror or e})")
   except ValueError as e:  # An ArrayRecord entry without a valid image.
-    return _ImageFacts(problem=str(e))
+    return ImageFacts(problem=str(e))
   if not data:
-    return _ImageFacts(problem="empty file")
+    return ImageFacts(problem="empty file")
   try:
     height, width = image_io.decode_image(data, "").shape[:2]
   except image_io.ImageDecodeError as e:
-    return _ImageFacts(problem=str(e).removeprefix(": "))
-  return _ImageFacts(hashlib.blake2b(data, digest_size=16).hexdigest(), height, width)
+    return ImageFacts(problem=str(e).removeprefix(": "))
+  return ImageFacts(hashlib.blake2b(data, digest_size=16).hexdigest(), height, width)
 
 
-def _inspect_all(records: Sequence[ImageRecord], num_threads: int | None) -> list[_ImageFacts]:
+def inspect_images(records: Sequence[ImageRecord], num_threads: int | None = None) -> list[ImageFacts]:
+  """Reads and decodes every record once (a thread pool; `num_threads` 0: in the calling thread), in order."""
   if num_threads == 0 or len(records) < 16:
     return [_inspect(r) for r in records]
   workers = num_threads or min(16, (os.cpu_count() or 1) + 2)
@@ -180,7 +183,7 @@ def check_records(
     raise ValueError(f"{len(records)} records but {len(splits)} split names")
   report = Report(num_images=len(records))
   start = time.perf_counter()
-  facts = _inspect_all(records, num_threads)
+  facts = inspect_images(records, num_threads)
   report.seconds = time.perf_counter() - start
   good = []
   for i, (record, fact) in enumerate(zip(records, facts)):

@@ -72,9 +72,7 @@ def evaluate_workdir(workdir: str, which: str = "best") -> dict:
   mesh = mesh_lib.make_mesh()
   model = experiment.build_model(config)
   size = config.data.image_size
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
-  abstract = checkpointing.abstract_like(dict(abstract), mesh_lib.replicated(mesh))
-  variables, step, kind = checkpointing.restore_model_variables(workdir, abstract, which)
+  variables, step, kind = restore_classifier(workdir, model, size, which, mesh)
   logging.info("%s: evaluating the %s checkpoint (step %d) on %d test %s images", workdir, kind, step,
                len(test_records), modality.upper())
 
@@ -124,9 +122,12 @@ def _distillation_record(workdir: str, config, data, kind: str, step: int) -> di
   return {"distillation_on": on, "distillation_warmup_steps": warmup}
 
 
-def _restore_classifier(workdir: str, model, size: int, which: str):
+def restore_classifier(workdir: str, model, size: int, which: str = "best", mesh=None):
+  """(variables, step, kind) of WORKDIR's `which` checkpoint ("best" or "latest"), replicated over `mesh`
+  (default: all devices); `checkpointing.restore_model_variables` says which one is taken."""
+  mesh = mesh_lib.make_mesh() if mesh is None else mesh
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
-  abstract = checkpointing.abstract_like(dict(abstract), mesh_lib.replicated(mesh_lib.make_mesh()))
+  abstract = checkpointing.abstract_like(dict(abstract), mesh_lib.replicated(mesh))
   return checkpointing.restore_model_variables(workdir, abstract, which)
 
 
@@ -140,7 +141,7 @@ def _region_agreement(workdir, config, data, model, variables, test_records, whi
     teacher_dir = config.teacher.workdir or os.path.join(workdir, "teacher")
     nbi_test = data.select("test", "nbi")
     if os.path.isdir(teacher_dir) and nbi_test:
-      teacher, _, _ = _restore_classifier(teacher_dir, model, config.data.image_size, "best")
+      teacher, _, _ = restore_classifier(teacher_dir, model, config.data.image_size, "best")
       result["teacher"] = {"modality": "nbi", "workdir": teacher_dir,
                            **region_agreement.evaluate_region_agreement(model, teacher, nbi_test, config)}
     else:
@@ -157,14 +158,35 @@ def _write_cams(out_dir, model, variables, config, records, probs, classes) -> N
   if n == 0:
     return
   picks = np.linspace(0, len(records) - 1, n).round().astype(int)
-  images = np.stack([augment.preprocess_eval(image_io.read_image(records[i]), config.data.image_size)
-                     for i in picks])
   preds = probs[picks].argmax(-1)
-  cam_fn = inference.make_cam_fn(model, config.data.normalization)
-  cams = np.asarray(cam_fn(jax.device_get(variables), jnp.asarray(images), jnp.asarray(preds)))
   titles = [f"true: {classes[records[i].label]} / pred: {classes[p]} ({probs[i, p]:.2f})"
             for i, p in zip(picks, preds)]
-  figures.save_cam_overlays(images, cams, os.path.join(out_dir, "cams"), titles)
+  write_cam_overlays(os.path.join(out_dir, "cams"), model, variables, config, [records[i] for i in picks], preds,
+                     titles, batch_size=n)
+
+
+def write_cam_overlays(out_dir, model, variables, config, records, classes, titles, names=None,
+                       batch_size: int | None = None) -> list:
+  """Each record's image (resized to the model input) beside its CAM for `classes[i]` (an index per record), as
+  `out_dir/cam_000.png`, ... or `names`; computed in padded batches of `batch_size` (default
+  `config.data.eval_batch_size`) so any number of images compiles once. Returns the paths written."""
+  size = config.data.image_size
+  batch_size = batch_size or int(config.data.eval_batch_size)
+  cam_fn = inference.make_cam_fn(model, config.data.normalization)
+  host_variables = jax.device_get(variables)
+  classes = np.asarray(classes, np.int32)
+  names = list(names) if names is not None else [f"cam_{i:03d}.png" for i in range(len(records))]
+  paths = []
+  for start in range(0, len(records), batch_size):
+    chunk = records[start:start + batch_size]
+    images = np.zeros((batch_size, size, size, 3), np.uint8)
+    images[:len(chunk)] = [augment.preprocess_eval(image_io.read_image(r), size) for r in chunk]
+    chunk_classes = np.zeros((batch_size,), np.int32)
+    chunk_classes[:len(chunk)] = classes[start:start + len(chunk)]
+    cams = np.asarray(cam_fn(host_variables, jnp.asarray(images), jnp.asarray(chunk_classes)))
+    paths += figures.save_cam_overlays(images[:len(chunk)], cams[:len(chunk)], out_dir,
+                                       titles[start:start + len(chunk)], names=names[start:start + len(chunk)])
+  return paths
 
 
 def evaluate(workdirs: list[str], out: str | None = None, which: str = "best") -> dict:

@@ -204,8 +204,9 @@ def save_cam_overlays(
     out_dir: PathLike,
     titles: Sequence[str],
     alpha: float = 0.4,
+    names: Sequence[str] | None = None,
 ) -> list[pathlib.Path]:
-  """Saves `cam_000.png`, `cam_001.png`, ...: each image beside its CAM overlay, with a title.
+  """Saves `cam_000.png`, `cam_001.png`, ... (or `names`): each image beside its CAM overlay, with a title.
 
   Args:
     images: (N, H, W, 3) uint8 RGB images.
@@ -213,6 +214,7 @@ def save_cam_overlays(
     out_dir: output folder (created if missing).
     titles: N titles, e.g. "true: adenoma / pred: adenoma (0.91)".
     alpha: heat-map opacity.
+    names: N file names (default `cam_000.png`, ...).
 
   Returns:
     The N paths written, in input order.
@@ -225,6 +227,8 @@ def save_cam_overlays(
     raise ValueError(f"cams must be (N, h, w) with N = {images.shape[0]}, got {cams.shape}.")
   if len(titles) != images.shape[0]:
     raise ValueError(f"need one title per image: {images.shape[0]} images, {len(titles)} titles.")
+  if names is not None and len(names) != images.shape[0]:
+    raise ValueError(f"need one file name per image: {images.shape[0]} images, {len(names)} names.")
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = []
@@ -237,7 +241,7 @@ def save_cam_overlays(
       ax.axis("off")
     fig.suptitle(str(title), fontsize=11)
     fig.tight_layout()
-    path = out_dir / f"cam_{i:03d}.png"
+    path = out_dir / (names[i] if names is not None else f"cam_{i:03d}.png")
     fig.savefig(path, format="png", bbox_inches="tight")
     plt.close(fig)
     paths.append(path)

@@ -1,0 +1,175 @@
+"""predict.py on real image files with real tiny trained checkpoints: folders, CSVs, single images, unreadable files,
+the model a workdir predicts with, CAM overlays, and the command line on several devices."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from pagkd_jax.data import augment
+from pagkd_jax.data import image_io
+from pagkd_jax.data.normalization import normalize_images
+from pagkd_jax.data.records import ImageRecord
+from pagkd_jax.evaluation import prediction
+from pagkd_jax.training import trainer
+from subprocess_env import env_with_xla_flags
+from training_configs import tiny_synthetic_config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A tiny NBI teacher and a stage-2 student distilled from it (a few steps each, 32 px, real PNGs)."""
+  root = tmp_path_factory.mktemp("predict_runs")
+  data_dir = root / "data"
+  teacher = tiny_synthetic_config(data_dir, stage="teacher", num_steps=3)
+  trainer.train_and_evaluate(teacher, str(root / "teacher"))
+  student = tiny_synthetic_config(data_dir, stage="pagkd", num_steps=3)
+  student.teacher.workdir = str(root / "teacher")
+  student.distill.warmup_epochs = 0.0
+  trainer.train_and_evaluate(student, str(root / "student"))
+  return {"teacher": str(root / "teacher"), "student": str(root / "student"), "data": data_dir}
+
+
+def _split_images(workdir, modality, n):
+  with open(os.path.join(workdir, "splits.csv"), newline="") as f:
+    return [row["path"] for row in csv.DictReader(f) if row["modality"] == modality][:n]
+
+
+def _reference_probs(predictor, paths):
+  """softmax(model(normalise(resize(decode(file))))) image by image, without the batching code under test."""
+  size = predictor.config.data.image_size
+  variables = jax.device_get(predictor.variables)
+  out = []
+  for path in paths:
+    image = augment.preprocess_eval(image_io.read_image(ImageRecord(path, "wli", 0, path)), size)
+    logits, _ = predictor.model.apply(variables, normalize_images(jnp.asarray(image[None]), "imagenet"), train=False)
+    out.append(np.asarray(jax.nn.softmax(logits / predictor.temperature))[0])
+  return np.stack(out)
+
+
+def _read_csv(path):
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_folder_csv_and_image_inputs_with_unreadable_files(tmp_path, runs):
+  sources = _split_images(runs["teacher"], "nbi", 7)
+  folder = tmp_path / "frames"
+  (folder / "day2" / "deeper").mkdir(parents=True)
+  shutil.copy(sources[0], folder / "a.png")
+  shutil.copy(sources[1], folder / "day2" / "b.png")
+  Image.open(sources[2]).convert("RGB").save(folder / "day2" / "deeper" / "c.JPG", quality=95)
+  (folder / "day2" / "broken.png").write_bytes(b"not an image at all")
+  (folder / "day2" / "truncated.png").write_bytes(open(sources[3], "rb").read()[:200])
+  (folder / "notes.txt").write_text("not listed: not an image extension")
+  (folder / ".hidden.png").write_bytes(open(sources[4], "rb").read())
+  listed = tmp_path / "list"
+  listed.mkdir()
+  shutil.copy(sources[5], listed / "d.png")
+  with open(listed / "images.csv", "w", newline="") as f:
+    csv.writer(f).writerows([["path", "comment"], ["d.png", "relative"], ["missing.png", "gone"],
+                             [sources[6], "absolute"]])
+  out = tmp_path / "out" / "preds.csv"
+
+  result = prediction.predict(runs["teacher"], [str(folder), str(listed / "images.csv"), sources[0]], str(out))
+
+  # A folder's files (sorted by name) come before those of its subfolders.
+  expected_paths = [str(folder / "a.png"), str(folder / "day2" / "b.png"), str(folder / "day2" / "broken.png"),
+                    str(folder / "day2" / "truncated.png"), str(folder / "day2" / "deeper" / "c.JPG"),
+                    str(listed / "d.png"), str(listed / "missing.png"), sources[6], sources[0]]
+  rows = _read_csv(out)
+  assert [r["path"] for r in rows] == expected_paths
+  classes = result.classes
+  assert list(rows[0]) == ["path", "predicted", *(f"prob_{c}" for c in classes), "error"]
+  bad = {r["path"]: r["error"] for r in rows if r["error"]}
+  assert set(bad) == {str(folder / "day2" / "broken.png"), str(folder / "day2" / "truncated.png"),
+                      str(listed / "missing.png")}
+  assert "cannot decode image" in bad[str(folder / "day2" / "broken.png")]
+  assert "cannot decode image" in bad[str(folder / "day2" / "truncated.png")]
+  assert bad[str(listed / "missing.png")] == "file not found"
+  for r in rows:
+    if r["error"]:
+      assert r["predicted"] == "" and all(r[f"prob_{c}"] == "" for c in classes)
+
+  good = [i for i, r in enumerate(rows) if not r["error"]]
+  probs = np.array([[float(rows[i][f"prob_{c}"]) for c in classes] for i in good])
+  reference = _reference_probs(prediction.load_predictor(runs["teacher"]), [expected_paths[i] for i in good])
+  np.testing.assert_allclose(probs, reference, atol=2e-6)  # The CSV's 6 decimals.
+  assert [rows[i]["predicted"] for i in good] == [classes[k] for k in reference.argmax(-1)]
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+  # The same image given twice (in the folder and on its own) gets the same row.
+  assert rows[0]["predicted"] == rows[-1]["predicted"] and rows[0]["prob_" + classes[0]] == rows[-1][
+      "prob_" + classes[0]]
+
+
+def test_missing_input_and_csv_without_path_column_are_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="--input .*nowhere: no such file or folder"):
+    prediction.collect_image_paths([str(tmp_path / "nowhere")])
+  bad_csv = tmp_path / "list.csv"
+  bad_csv.write_text("file,label\na.png,adenoma\n")
+  with pytest.raises(ValueError, match=r"list.csv: no 'path' column \(found: \['file', 'label'\]\)"):
+    prediction.collect_image_paths([str(bad_csv)])
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="empty: no images in this folder"):
+    prediction.collect_image_paths([str(tmp_path / "empty")])
+
+
+def test_a_stage_two_workdir_predicts_with_its_student_not_its_teacher(tmp_path, runs):
+  paths = _split_images(runs["student"], "wli", 5)
+  student = prediction.load_predictor(runs["student"])
+  teacher = prediction.load_predictor(runs["teacher"])
+  assert prediction.model_description(student.config.stage) == "WLI PaGKD student"
+  assert prediction.model_description(teacher.config.stage) == "NBI teacher"
+  got = prediction.predict_paths(student, paths, batch_size=2).probs  # 3 batches, the last one padded.
+  np.testing.assert_allclose(got, _reference_probs(student, paths), atol=1e-6)
+  assert not np.allclose(got, _reference_probs(teacher, paths), atol=1e-3)
+
+  result = prediction.predict_paths(student, paths)
+  prediction.write_cams(student, result, str(tmp_path / "cams"))
+  names = sorted(os.listdir(tmp_path / "cams"))
+  assert names == [f"{i:05d}_{os.path.splitext(os.path.basename(p))[0]}.png" for i, p in enumerate(paths)]
+  assert all(os.path.getsize(tmp_path / "cams" / n) > 1000 for n in names)
+  prediction.write_csv(result, str(tmp_path / "p.csv"))
+  assert [r["cam"] for r in _read_csv(tmp_path / "p.csv")] == [str(tmp_path / "cams" / n) for n in names]
+
+
+def test_command_line_on_three_devices_matches_one(tmp_path, runs, repo_root):
+  paths = _split_images(runs["student"], "wli", 7)
+  folder = tmp_path / "new"
+  folder.mkdir()
+  for i, p in enumerate(paths):
+    shutil.copy(p, folder / f"img{i}.png")
+  out = tmp_path / "preds.csv"
+  env = env_with_xla_flags("--xla_force_host_platform_device_count=3", PYTHONPATH=str(repo_root))
+  result = subprocess.run([sys.executable, "predict.py", f"--workdir={runs['student']}", f"--input={folder}",
+                           f"--out={out}", "--batch_size=4", f"--cams={tmp_path / 'cams'}"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=600, env=env)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "predicting with the WLI PaGKD student (stage pagkd, best checkpoint" in result.stderr
+  assert "predicted 7 / 7 images" in result.stderr
+  rows = _read_csv(out)
+  assert len(rows) == 7 and not any(r["error"] for r in rows)
+  student = prediction.load_predictor(runs["student"])
+  probs = np.array([[float(r[f"prob_{c}"]) for c in student.classes] for r in rows])
+  # Three devices sum in another order than one: float32 rounding, far below the CSV's 6 decimals' 5e-7.
+  np.testing.assert_allclose(probs, _reference_probs(student, [str(folder / f"img{i}.png") for i in range(7)]),
+                             atol=2e-6)
+  assert len(os.listdir(tmp_path / "cams")) == 7
+
+  # A workdir's config.json with a mistaken value stops before any model is loaded, with status 2.
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  config = json.load(open(os.path.join(runs["student"], "config.json")))
+  config["data"]["image_size"] = 0
+  (broken / "config.json").write_text(json.dumps(config))
+  result = subprocess.run([sys.executable, "predict.py", f"--workdir={broken}", f"--input={folder}",
+                           f"--out={out}"], cwd=repo_root, capture_output=True, text=True, timeout=600, env=env)
+  assert result.returncode == 2 and "data.image_size=0: expected an integer >= 32" in result.stderr
