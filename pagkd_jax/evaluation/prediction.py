@@ -1,6 +1,8 @@
 """Predictions of a trained workdir's classifier on new images (predict.py).
 
-  result = prediction.predict(workdir, ["new_frames/", "more.csv", "one.png"], out_csv="preds.csv")
+  predictor = prediction.load_predictor(workdir)
+  paths = prediction.collect_image_paths(["new_frames/", "more.csv", "one.png"])
+  result = prediction.predict(predictor, paths, out_csv="preds.csv")
 
 Inputs: an image file, a folder (searched recursively for .jpg/.jpeg/.png/.tif/.tiff, hidden entries skipped) or a
 CSV with a `path` column (relative to the CSV's folder, or absolute; every other column is ignored, so a training
@@ -225,12 +227,11 @@ def write_csv(predictions: Predictions, out_csv: str) -> None:
       writer.writerow([path, label, *probs, error] + ([predictions.cams[i]] if predictions.cams is not None else []))
 
 
-def predict(workdir: str, inputs: Sequence[str], out_csv: str | None = None, *, cams_dir: str | None = None,
-            which: str = "best", batch_size: int | None = None) -> Predictions:
-  """predict.py: the predictions of WORKDIR's classifier on `inputs`, written to `out_csv` (process 0)."""
-  paths = collect_image_paths(inputs)
-  logging.info("%d image(s) from %d input(s)", len(paths), len(inputs))
-  predictor = load_predictor(workdir, which)
+def predict(predictor: Predictor, paths: Sequence[str], out_csv: str | None = None, *, cams_dir: str | None = None,
+            batch_size: int | None = None) -> Predictions:
+  """predict.py: the predictions of `predictor` on the images `paths` (`collect_image_paths`), written to `out_csv`
+  and CAM overlays to `cams_dir` (process 0)."""
+  logging.info("%d image(s) to predict", len(paths))
   predictions = predict_paths(predictor, paths, batch_size=batch_size)
   if jax.process_index() == 0:
     if cams_dir:
