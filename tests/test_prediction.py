@@ -235,5 +235,5 @@ def test_exported_model_gives_predict_probabilities_at_any_batch_size(tmp_path, 
   got = exported_model.ExportedModel(str(out_dir))([np.asarray(Image.open(p)) for p in resized_paths])
   want = prediction.predict_paths(predictor, resized_paths).probs
   # One grey level is 1/255 / 0.226 = 0.017 of a normalised input: measured 1.4e-4 in probability with this nearly
-  # untrained model (a trained one is more sensitive; 1e-2 still catches a wrong resize or normalisation).
+  # untrained model (a trained one is more sensitive); the resize itself is compared with PIL's pixel by pixel above.
   np.testing.assert_allclose(got, want, atol=1e-2)
