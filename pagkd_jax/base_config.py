@@ -114,6 +114,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ev = ml_collections.ConfigDict()
   ev.bootstrap_samples = 1000
   ev.num_cam_images = 12
+  # Fit one temperature on the validation split (never test) and store it in WORKDIR/calibration.json: eval.py,
+  # predict.py and the exported model then give softmax(logits / temperature).
+  ev.calibrate = False
+  ev.calibration_bins = 15  # Equal-width confidence bins of the expected calibration error and reliability diagram.
 
   # ---- teacher (stage 2) -------------------------------------------------------------------------
   config.teacher = teacher = ml_collections.ConfigDict()

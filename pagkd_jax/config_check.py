@@ -291,6 +291,8 @@ RULES: list[Rule] = [
     # evaluation
     number("eval.bootstrap_samples", integer=True, minimum=0),
     number("eval.num_cam_images", integer=True, minimum=0),
+    flag("eval.calibrate"),
+    number("eval.calibration_bins", integer=True, minimum=1),
     # teacher
     existing("teacher.workdir", "folder", "the workdir of a trained NBI teacher"),
     # distillation

@@ -135,6 +135,8 @@ BROKEN = [
     ({"train.log_grad_norms": 0}, ["train.log_grad_norms=0: expected True or False"]),
     ({"eval.bootstrap_samples": -1}, ["eval.bootstrap_samples=-1: expected an integer >= 0"]),
     ({"eval.num_cam_images": -1}, ["eval.num_cam_images=-1: expected an integer >= 0"]),
+    ({"eval.calibrate": "yes"}, ["eval.calibrate='yes': expected True or False"]),
+    ({"eval.calibration_bins": 0}, ["eval.calibration_bins=0: expected an integer >= 1"]),
     ({"teacher.workdir": "TMP/teacher"}, [
         "teacher.workdir='TMP/teacher': expected '' or an existing folder (the workdir of a trained NBI teacher)"]),
     ({"teacher.workdir": "TMP/file.csv"}, [

@@ -19,6 +19,8 @@ from pagkd_jax.data import augment
 from pagkd_jax.data import image_io
 from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.data.records import ImageRecord
+from pagkd_jax.evaluation import calibration
+from pagkd_jax.evaluation import evaluator
 from pagkd_jax.evaluation import model_export
 from pagkd_jax.evaluation import prediction
 from pagkd_jax.training import trainer
@@ -237,3 +239,50 @@ def test_exported_model_gives_predict_probabilities_at_any_batch_size(tmp_path, 
   # One grey level is 1/255 / 0.226 = 0.017 of a normalised input: measured 1.4e-4 in probability with this nearly
   # untrained model (a trained one is more sensitive); the resize itself is compared with PIL's pixel by pixel above.
   np.testing.assert_allclose(got, want, atol=1e-2)
+
+
+def test_calibration_fits_on_validation_and_predict_and_export_apply_it(tmp_path, runs):
+  workdir = tmp_path / "teacher"
+  shutil.copytree(runs["teacher"], workdir)
+  report = evaluator.evaluate([str(workdir)], overrides={"eval.calibrate": True, "eval.calibration_bins": 10})
+  record = json.load(open(workdir / "calibration.json"))
+  with open(workdir / "splits.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  val = [r["path"] for r in rows if r["split"] == "val" and r["modality"] == "nbi"]
+  assert record["fitted_on"] == "val" and record["n_images"] == len(val) > 0
+  assert record["checkpoint_step"] == report["checkpoint_step"]
+
+  # The temperature is the NumPy fit on the validation images' log-probabilities (and not on the test images').
+  uncalibrated = prediction.load_predictor(runs["teacher"])
+  assert uncalibrated.temperature == 1.0
+  val_probs = _reference_probs(uncalibrated, val)
+  labels = np.array([uncalibrated.classes.index(r["label"]) for r in rows if r["split"] == "val"
+                     and r["modality"] == "nbi"])
+  expected = calibration.fit_temperature(np.log(val_probs), labels)
+  assert record["temperature"] == pytest.approx(expected, rel=1e-4)
+  assert record["val_nll_after"] <= record["val_nll_before"] + 1e-9
+
+  saved = json.load(open(workdir / "eval" / "metrics.json"))
+  assert saved["temperature"] == record["temperature"] and 0 <= saved["ece"] <= 1
+  assert 0 <= saved["ece_uncalibrated"] <= 1
+  assert os.path.getsize(workdir / "eval" / "reliability.png") > 1000
+
+  # predict.py and the export give softmax(logits / T).
+  calibrated = prediction.load_predictor(str(workdir))
+  assert calibrated.temperature == record["temperature"]
+  test = [r["path"] for r in rows if r["split"] == "test" and r["modality"] == "nbi"][:4]
+  got = prediction.predict_paths(calibrated, test).probs
+  np.testing.assert_allclose(got, calibration.apply_temperature(np.log(_reference_probs(uncalibrated, test)),
+                                                                record["temperature"]), atol=2e-6)
+  model_export.export_predictor(calibrated, str(tmp_path / "exported"))
+  assert json.load(open(tmp_path / "exported" / "model.json"))["temperature"] == record["temperature"]
+  images = np.stack([image_io.read_image(ImageRecord(p, "nbi", 0, p)) for p in test])
+  np.testing.assert_allclose(exported_model.ExportedModel(str(tmp_path / "exported"))(images), got, atol=1e-6)
+
+
+def test_eval_py_takes_eval_overrides_and_checks_them(tmp_path, runs, repo_root):
+  result = subprocess.run([sys.executable, "eval.py", f"--workdir={runs['teacher']}",
+                           "--config.eval.calibration_bins=0"], cwd=repo_root, capture_output=True, text=True,
+                          timeout=600, env=env_with_xla_flags(PYTHONPATH=str(repo_root)))
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "eval.calibration_bins=0: expected an integer >= 1" in result.stderr

@@ -13,6 +13,8 @@ The model: a stage-2 (`pagkd`) or `baseline` workdir predicts with its WLI class
 `teacher` workdir with its NBI classifier; the log says which, with the checkpoint and its step. Images are resized
 to `data.image_size` and normalised exactly as in evaluation (`augment.preprocess_eval`, `normalize_images`),
 batched and sharded over every device (`inference.predict_records`), so any device count gives the same rows.
+The probabilities are calibrated when the workdir has a temperature (calibration.json, from
+`eval.py --config.eval.calibrate=True`) for the checkpoint used.
 
 The CSV: `path, predicted, prob_<class>... (one per class, in config.data.classes order), error` (plus `cam`, the
 overlay written for the row, with `cams_dir`); one row per input image, in input order.
@@ -34,10 +36,9 @@ from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data import manifest as manifest_lib
 from pagkd_jax.data import validate
 from pagkd_jax.data.records import ImageRecord
+from pagkd_jax.evaluation import calibration
 from pagkd_jax.evaluation import evaluator
 from pagkd_jax.evaluation import inference
-
-CALIBRATION_NAME = "calibration.json"  # WORKDIR/calibration.json: the fitted temperature (calibration.py).
 
 _MODEL_NAMES = {"pagkd": "WLI PaGKD student", "baseline": "WLI baseline classifier", "teacher": "NBI teacher"}
 
@@ -120,15 +121,6 @@ class Predictor:
     return experiment.stage_modality(self.config.stage)
 
 
-def read_temperature(workdir: str) -> float:
-  """The temperature in WORKDIR/calibration.json (`eval.py --config.eval.calibrate=True`), 1.0 when there is none."""
-  path = os.path.join(workdir, CALIBRATION_NAME)
-  if not os.path.exists(path):
-    return 1.0
-  with open(path) as f:
-    return float(json.load(f)["temperature"])
-
-
 def load_predictor(workdir: str, which: str = "best") -> Predictor:
   """The classifier of a training workdir (its `which` checkpoint) and its calibration temperature."""
   workdir = os.path.abspath(workdir)
@@ -136,12 +128,12 @@ def load_predictor(workdir: str, which: str = "best") -> Predictor:
   mesh = mesh_lib.make_mesh()
   model = experiment.build_model(config)
   variables, step, kind = evaluator.restore_classifier(workdir, model, int(config.data.image_size), which, mesh)
-  temperature = read_temperature(workdir)
+  temperature = calibration.read_temperature(workdir, int(step))
   predictor = Predictor(workdir, config, model, variables, int(step), kind, temperature, mesh)
   logging.info("%s: predicting with the %s (stage %s, %s checkpoint, step %d) on %s images, %d x %d input; "
                "temperature %s%s", workdir, model_description(config.stage), config.stage, kind, step,
                predictor.modality.upper(), config.data.image_size, config.data.image_size, temperature,
-               f" (from {CALIBRATION_NAME})" if temperature != 1.0 else " (uncalibrated)")
+               f" (from {calibration.CALIBRATION_NAME})" if temperature != 1.0 else " (uncalibrated)")
   return predictor
 
 
