@@ -32,13 +32,17 @@ def get_config() -> ml_collections.ConfigDict:
   # synthetic data set that fixes its split (synthetic.eval_lesions_per_class > 0).
   data.splits = "folds"
   # Training checks every image first (python -m pagkd_jax.data.validate runs the same check) and refuses to start
-  # on any error. True: missing, unreadable, undecodable or too small files are left out instead (the other images
-  # keep their split) and listed in WORKDIR/skipped_files.csv; manifest and data-set errors still stop training.
+  # on any error. True: missing, unreadable or undecodable files (and files below data.min_image_size) are left out
+  # instead (the other images keep their split) and listed in WORKDIR/skipped_files.csv; manifest and data-set
+  # errors still stop training.
   data.skip_bad_files = False
   # Negative control: permute the labels of the training images (within each modality, a fixed permutation per
   # config.seed); validation and test labels are untouched, so a model trained on them scores near chance.
   data.shuffle_train_labels = False
   data.image_size = 448
+  # A floor on the images' shorter side: smaller ones are errors of the data check (bad files). 0: no floor; images
+  # smaller than data.image_size are upsampled like every other image is resized, with a warning that counts them.
+  data.min_image_size = 0
   data.group_size = 8  # N_c: images of every class, per modality, in every training batch.
   data.eval_batch_size = 32  # Fixed; the last batch is padded and masked.
   data.num_workers = 0  # grain worker processes (0: decode in the main process).

@@ -49,6 +49,7 @@ BROKEN = [
     ({"data.shuffle_train_labels": "yes"}, ["data.shuffle_train_labels='yes': expected True or False"]),
     ({"data.image_size": 16}, ["data.image_size=16: expected an integer >= 32"]),
     ({"data.image_size": 64.0}, ["data.image_size=64.0: expected an integer >= 32"]),
+    ({"data.min_image_size": -1}, ["data.min_image_size=-1: expected an integer >= 0"]),
     ({"data.group_size": 0}, ["data.group_size=0: expected an integer >= 1"]),
     ({"data.group_size": 6}, ["data.group_size=6, devices=4, processes=1: expected a multiple of the number of devices "
                               "and of the number of processes (each gets an equal share)"], {"devices": 4}),
