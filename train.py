@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from pagkd_jax import base_config
 from pagkd_jax import config_check
 from pagkd_jax import runtime
 from pagkd_jax.training import preemption
@@ -35,10 +36,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.initialize()
+  config = base_config.from_command_line(_CONFIG.value)  # --config.data.classes=a,b,c -> ("a", "b", "c").
   config_check.exit_on_problems(config_check.find_problems(
-      _CONFIG.value, devices=jax.device_count(), processes=jax.process_count()))
+      config, devices=jax.device_count(), processes=jax.process_count()))
   try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    trainer.train_and_evaluate(config, _WORKDIR.value)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(128 + signal.SIGTERM)

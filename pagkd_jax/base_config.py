@@ -161,6 +161,23 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
+def split_class_names(classes) -> tuple[str, ...]:
+  """Class names as a command line gives them -> a tuple of names: "a,b,c" and ("a,b,c",) (what ml_collections makes
+  of --config.data.classes=a,b,c) become ("a", "b", "c"); a tuple of names stays as it is. Names are stripped and
+  empty ones ("a,b,") dropped; anything that is not a string is kept for the config check to report."""
+  items = (classes,) if isinstance(classes, str) else tuple(classes)
+  names = (name.strip() if isinstance(name, str) else name
+           for item in items for name in (item.split(",") if isinstance(item, str) else (item,)))
+  return tuple(name for name in names if name != "")
+
+
+def from_command_line(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of a command line (train.py, the data check) in the form the code reads; call it before the config
+  check. Today: `data.classes` given as a comma-separated list (`split_class_names`)."""
+  config.data.classes = split_class_names(config.data.classes)
+  return config
+
+
 def apply_release_conventions(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The public release's choices where the paper differs: [0, 1] inputs, release losses and LR-QFormer."""
   config.data.normalization = "unit"

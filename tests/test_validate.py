@@ -248,6 +248,11 @@ def test_cli_accepts_a_config_with_overrides_and_exits_zero_on_clean_data(tmp_pa
   # K = 64 is more than the training images of every class: warnings, printed apart.
   assert "WARNINGS (6):" in result.stdout and "ERRORS" not in result.stdout
   assert "72 images checked: 0 error(s) (0 bad files), 6 warning(s)" in result.stdout
+  # Class names as a comma-separated list on the command line (here in another order: label indices follow it).
+  result = _cli(["configs/piccolo.py", f"--config.data.manifest={manifest}", f"--config.data.image_size={SIZE}",
+                 "--config.data.classes=adenocarcinoma,adenoma,hyperplasia"])
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "(classes adenocarcinoma, adenoma, hyperplasia;" in result.stdout
   # The same data at the preset's 448 px: every image is upsampled, a warning; with a floor above them, errors.
   result = _cli(["configs/piccolo.py", f"--config.data.manifest={manifest}"])
   assert result.returncode == 0, result.stdout + result.stderr

@@ -363,7 +363,7 @@ def _main(argv: Sequence[str]) -> int:
     return 2
   if fl.config is not None:
     from pagkd_jax import config_check  # pylint: disable=g-import-not-at-top
-    config = fl.config
+    config = base_config.from_command_line(fl.config)
     config_check.exit_on_problems(config_check.find_problems(config))  # Exit status 2, before any data is read.
     data, stage, manifest_path = config.data, config.stage, None
     if data.synthetic.enabled:
@@ -373,7 +373,7 @@ def _main(argv: Sequence[str]) -> int:
     config = base_config.get_config()
     data, stage, manifest_path = config.data, fl.stage, argv[1]
     if fl.classes:
-      data.classes = tuple(c.strip() for c in fl.classes.split(",") if c.strip())
+      data.classes = base_config.split_class_names(fl.classes)
     for name in ("image_size", "min_image_size", "group_size", "num_folds", "fold", "val_fraction", "split_seed"):
       if fl[name].value is not None:
         data[name] = fl[name].value
