@@ -260,6 +260,10 @@ def test_calibration_fits_on_validation_and_predict_and_export_apply_it(tmp_path
                      and r["modality"] == "nbi"])
   expected = calibration.fit_temperature(np.log(val_probs), labels)
   assert record["temperature"] == pytest.approx(expected, rel=1e-4)
+  # This nearly untrained model is best at the largest T (its probabilities are near uniform), so the NLL before the
+  # fit is what shows the images used: the validation images' mean -log p(true class).
+  assert record["val_nll_before"] == pytest.approx(-np.mean(np.log(val_probs[np.arange(len(labels)), labels])),
+                                                   rel=1e-5)
   assert record["val_nll_after"] <= record["val_nll_before"] + 1e-9
 
   saved = json.load(open(workdir / "eval" / "metrics.json"))
