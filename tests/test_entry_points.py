@@ -31,6 +31,7 @@ def test_a_console_command_runs_as_an_installed_one_would():
                           env=env_with_xla_flags(PYTHONPATH=str(REPO_ROOT)))
   assert result.returncode == 1 and "Give --input" in result.stderr, result.stderr[-2000:]
   result = subprocess.run([sys.executable, "-m", "pagkd_jax.cli.train", "--helpfull"], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300, env=env_with_xla_flags(PYTHONPATH=str(REPO_ROOT)))
+                          capture_output=True, text=True, timeout=300,
+                          env=env_with_xla_flags(PYTHONPATH=str(REPO_ROOT)))
   shown = result.stdout + result.stderr
   assert "Trains a PaGKD stage" in shown and "--workdir" in shown, shown[-2000:]  # absl's --helpfull exits with 1.

@@ -4,7 +4,8 @@ DIR holds
   model.jaxexport   the serialised `jax.export` program probs = f(weights, images): images uint8 (B, H, W, 3) RGB of
                     any batch size B and any size H x W (symbolic dimensions), resized to the model's input (bilinear,
                     antialiased, rounded to uint8 as the training pipeline's images are), normalised as in training,
-                    classified; probs (B, C) float32 = softmax(logits / temperature). Lowered for CPU and CUDA.
+                    classified; probs (B, C) float32 = softmax(logits / temperature). Lowered for CPU and CUDA
+                    (the tests run the CPU program only).
   weights.npz       the weights, one array per "params/..." / "batch_stats/..." path (the program's first argument).
   model.json        classes (in output order), input_size, temperature, normalization, the stage and modality, the
                     workdir and checkpoint step it came from.
