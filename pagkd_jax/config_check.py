@@ -223,6 +223,7 @@ RULES: list[Rule] = [
     flag("data.skip_bad_files"),
     flag("data.shuffle_train_labels"),
     number("data.image_size", integer=True, minimum=32),
+    number("data.min_image_size", integer=True, minimum=0),
     number("data.group_size", integer=True, minimum=1),
     Rule(("data.group_size", "devices", "processes"), _group_size_fits,
          "a multiple of the number of devices and of the number of processes (each gets an equal share)"),
@@ -296,6 +297,8 @@ RULES: list[Rule] = [
     # evaluation
     number("eval.bootstrap_samples", integer=True, minimum=0),
     number("eval.num_cam_images", integer=True, minimum=0),
+    flag("eval.calibrate"),
+    number("eval.calibration_bins", integer=True, minimum=1),
     # teacher
     existing("teacher.workdir", "folder", "the workdir of a trained NBI teacher"),
     # distillation

@@ -49,6 +49,7 @@ BROKEN = [
     ({"data.shuffle_train_labels": "yes"}, ["data.shuffle_train_labels='yes': expected True or False"]),
     ({"data.image_size": 16}, ["data.image_size=16: expected an integer >= 32"]),
     ({"data.image_size": 64.0}, ["data.image_size=64.0: expected an integer >= 32"]),
+    ({"data.min_image_size": -1}, ["data.min_image_size=-1: expected an integer >= 0"]),
     ({"data.group_size": 0}, ["data.group_size=0: expected an integer >= 1"]),
     ({"data.group_size": 6}, ["data.group_size=6, devices=4, processes=1: expected a multiple of the number of devices "
                               "and of the number of processes (each gets an equal share)"], {"devices": 4}),
@@ -137,6 +138,8 @@ BROKEN = [
     ({"train.log_grad_norms": 0}, ["train.log_grad_norms=0: expected True or False"]),
     ({"eval.bootstrap_samples": -1}, ["eval.bootstrap_samples=-1: expected an integer >= 0"]),
     ({"eval.num_cam_images": -1}, ["eval.num_cam_images=-1: expected an integer >= 0"]),
+    ({"eval.calibrate": "yes"}, ["eval.calibrate='yes': expected True or False"]),
+    ({"eval.calibration_bins": 0}, ["eval.calibration_bins=0: expected an integer >= 1"]),
     ({"teacher.workdir": "TMP/teacher"}, [
         "teacher.workdir='TMP/teacher': expected '' or an existing folder (the workdir of a trained NBI teacher)"]),
     ({"teacher.workdir": "TMP/file.csv"}, [
@@ -367,7 +370,10 @@ def _run(args, timeout=300):
     ("--config.data.manifest=/data/mine.csv", [
         "data.synthetic.enabled=True, data.manifest='/data/mine.csv', data.root='', data.tfds_dir='': expected "
         "exactly one data source", "data.manifest='/data/mine.csv': expected '' or an existing file"]),
-], ids=["variant", "group_size", "two_sources"])
+    # A comma-separated list is a tuple of names (here a repeated one, to stop the run): not one name "a,a".
+    ("--config.data.classes=adenoma, adenoma", [
+        "data.classes=('adenoma', 'adenoma'): expected at least 2 distinct, non-empty class names"]),
+], ids=["variant", "group_size", "two_sources", "classes_comma_separated"])
 def test_train_py_stops_before_the_teacher_with_status_2_and_writes_nothing(override, expected, tmp_path):
   workdir = tmp_path / "W"
   result = _run(["train.py", "--config=configs/synthetic.py:smoke", override, f"--workdir={workdir}"])
@@ -398,3 +404,14 @@ def test_validate_checks_the_config_before_reading_any_data(tmp_path):
   assert result.returncode == 2, result.stdout + result.stderr[-3000:]
   assert "  data.image_size=16: expected an integer >= 32" in result.stderr
   assert not out.exists()
+
+
+def test_class_names_from_the_command_line():
+  assert base_config.split_class_names("a,b,c") == ("a", "b", "c")
+  assert base_config.split_class_names(("a,b, c",)) == ("a", "b", "c")  # ml_collections' --config.data.classes=a,b,c
+  assert base_config.split_class_names(("a", "b")) == ("a", "b")
+  assert base_config.split_class_names(["x", "y,"]) == ("x", "y")
+  assert base_config.split_class_names(("a", 3)) == ("a", 3)  # Left for the check to report.
+  config = base_config.get_config()
+  config.data.classes = ("hyperplasia,adenoma",)
+  assert base_config.from_command_line(config).data.classes == ("hyperplasia", "adenoma")
