@@ -33,6 +33,7 @@ from absl import logging
 
 from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
+from pagkd_jax import methods
 from pagkd_jax.data import manifest as manifest_lib
 from pagkd_jax.data import validate
 from pagkd_jax.data.records import ImageRecord
@@ -118,7 +119,7 @@ class Predictor:
 
   @property
   def modality(self) -> str:
-    return experiment.stage_modality(self.config.stage)
+    return methods.stage_modality(self.config.stage)
 
 
 def load_predictor(workdir: str, which: str = "best") -> Predictor:
