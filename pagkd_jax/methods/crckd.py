@@ -7,7 +7,9 @@ on device (`crckd.rotate_flip`), and each image's row in the training split name
 
 One update (`make_crckd_update`), in the release's order:
   1. the teacher, an EMA of the student (parameters and BatchNorm statistics), runs in inference mode (its averaged
-     running statistics, as the spec averages them) on its view, without gradient;
+     running statistics, as the spec averages them) on its view, without gradient (the public release averages the
+     parameters only and runs its EMA model in training mode, on the statistics of the teacher view's batch); it
+     starts as a copy of the student;
   2. the student and the two contrast embeddings (`crckd.ContrastHeads`, one optimiser with the student) give
      CE, the consistency with the teacher's logits, CCD against the banks before this step (P positives and K
      negatives drawn per anchor, `memory_bank.draw_contrast_rows`) and CRP against the class centroids of the banks
