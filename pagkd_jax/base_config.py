@@ -5,6 +5,8 @@ not stored: they are computed where they are used, so an override of the value t
 never leave them stale.
 """
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -15,7 +17,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # "teacher": cross-entropy on NBI; "baseline": cross-entropy on WLI; "pagkd": distillation.
+  # "teacher": cross-entropy on NBI; "baseline": cross-entropy on WLI; "pagkd": distillation; "crckd": CRCKD, the
+  # WLI-only distillation from a mean teacher to compare against (config.crckd).
   config.stage = "pagkd"
 
   # ---- data ----------------------------------------------------------------------------------
@@ -165,6 +168,13 @@ def get_config() -> ml_collections.ConfigDict:
   d.teacher_class_shift_per_step = False
   d.region_labels = "cam_par"  # "cam_par" (spec 5.1-5.3) or "random" (negative control: i.i.d. labels per position).
   d.random_region_fractions = (1 / 3, 1 / 3, 1 / 3)  # Probabilities of lesion, background, ambiguous ("random").
+
+  # ---- CRCKD (stage "crckd"; spec CRCKD.md) ---------------------------------------------------------
+  # One value per field of pagkd_jax.distill.crckd.DEFAULTS, the spec's values (their meaning: its docstring), e.g.
+  # crckd.embed_dim (the classifier's 128-d "feature4" before the head), crckd.num_positives (P = 20),
+  # crckd.num_negatives (K = 4096). crckd.ccd_weight_late = 0.01 reproduces the public release, which multiplies the
+  # CCD weight by 0.1 twice from crckd.mean_teacher_start_epoch on (the spec keeps 0.1).
+  config.crckd = crckd_config()
   return config
 
 
@@ -183,6 +193,17 @@ def from_command_line(config: ml_collections.ConfigDict) -> ml_collections.Confi
   check. Today: `data.classes` given as a comma-separated list (`split_class_names`)."""
   config.data.classes = split_class_names(config.data.classes)
   return config
+
+
+def crckd_config() -> ml_collections.ConfigDict:
+  """config.crckd: the fields of `crckd.DEFAULTS` with their values (None, `bank_init_scale`'s "the spec's s", as a
+  float placeholder)."""
+  from pagkd_jax.distill import crckd  # The values live there, beside the code that uses them.
+  section = ml_collections.ConfigDict()
+  for field in dataclasses.fields(crckd.DEFAULTS):
+    value = getattr(crckd.DEFAULTS, field.name)
+    section[field.name] = config_dict.placeholder(float) if value is None else value
+  return section
 
 
 def apply_release_conventions(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -342,6 +342,24 @@ RULES: list[Rule] = [
     Rule("distill.random_region_fractions", lambda f: is_sequence(f) and len(f) == 3
          and all(in_range(x, minimum=0) for x in f) and sum(f) > 0,
          "three numbers >= 0 with a positive sum (lesion, background, ambiguous)"),
+    # CRCKD (one rule per field of crckd.DEFAULTS; test_config_check checks that none is missing)
+    number("crckd.embed_dim", integer=True, minimum=1),
+    number("crckd.contrast_dim", integer=True, minimum=1),
+    number("crckd.ema_decay", minimum=0, maximum=1),
+    number("crckd.consistency_weight", minimum=0),
+    number("crckd.consistency_rampup_epochs", minimum=0),
+    number("crckd.mean_teacher_start_epoch", minimum=0),
+    number("crckd.num_positives", integer=True, minimum=1),
+    number("crckd.num_negatives", integer=True, minimum=1),
+    number("crckd.temperature", above=0),
+    number("crckd.bank_momentum", minimum=0, maximum=1),
+    number("crckd.nce_eps", minimum=0),
+    number("crckd.ccd_weight", minimum=0),
+    number("crckd.ccd_weight_late", minimum=0),
+    number("crckd.crp_weight", minimum=0),
+    number("crckd.crp_temperature", above=0),
+    number("crckd.bank_init_scale", above=0, none="1 / sqrt(crckd.contrast_dim / 3)"),
+    number("crckd.normalize_eps", above=0),
 ]
 
 

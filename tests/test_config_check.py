@@ -21,7 +21,7 @@ SOURCES = "exactly one data source: data.synthetic.enabled=True (generated image
 # (overrides of configs/synthetic.py:smoke, the problems they must produce[, find_problems arguments]). TMP stands
 # for an existing folder holding the file "file.csv"; a line ending in "..." is matched up to there.
 BROKEN = [
-    ({"stage": "student"}, ["stage='student': expected one of 'teacher', 'baseline', 'pagkd'"]),
+    ({"stage": "student"}, ["stage='student': expected one of 'teacher', 'baseline', 'pagkd', 'crckd'"]),
     ({"seed": -1}, ["seed=-1: expected an integer >= 0"]),
     ({"data.manifest": "TMP/file.csv"}, [
         "data.synthetic.enabled=True, data.manifest='TMP/file.csv', data.root='', data.tfds_dir='': "
@@ -203,6 +203,24 @@ BROKEN = [
     ({"distill.random_region_fractions": (1.0, -0.5, 0.5)}, [
         "distill.random_region_fractions=(1.0, -0.5, 0.5): expected three numbers >= 0 with a positive sum (lesion, "
         "background, ambiguous)"]),
+    ({"crckd.embed_dim": 0}, ["crckd.embed_dim=0: expected an integer >= 1"]),
+    ({"crckd.contrast_dim": 64.0}, ["crckd.contrast_dim=64.0: expected an integer >= 1"]),
+    ({"crckd.ema_decay": 1.5}, ["crckd.ema_decay=1.5: expected a number in [0, 1]"]),
+    ({"crckd.consistency_weight": -1.0}, ["crckd.consistency_weight=-1.0: expected a number >= 0"]),
+    ({"crckd.consistency_rampup_epochs": -1.0}, ["crckd.consistency_rampup_epochs=-1.0: expected a number >= 0"]),
+    ({"crckd.mean_teacher_start_epoch": -1}, ["crckd.mean_teacher_start_epoch=-1: expected a number >= 0"]),
+    ({"crckd.num_positives": 0}, ["crckd.num_positives=0: expected an integer >= 1"]),
+    ({"crckd.num_negatives": 0}, ["crckd.num_negatives=0: expected an integer >= 1"]),
+    ({"crckd.temperature": 0.0}, ["crckd.temperature=0.0: expected a number > 0"]),
+    ({"crckd.bank_momentum": 1.1}, ["crckd.bank_momentum=1.1: expected a number in [0, 1]"]),
+    ({"crckd.nce_eps": -1e-7}, ["crckd.nce_eps=-1e-07: expected a number >= 0"]),
+    ({"crckd.ccd_weight": -0.1}, ["crckd.ccd_weight=-0.1: expected a number >= 0"]),
+    ({"crckd.ccd_weight_late": None}, ["crckd.ccd_weight_late=None: expected a number >= 0"]),
+    ({"crckd.crp_weight": "1"}, ["crckd.crp_weight='1': expected a number >= 0"]),
+    ({"crckd.crp_temperature": -0.07}, ["crckd.crp_temperature=-0.07: expected a number > 0"]),
+    ({"crckd.bank_init_scale": 0.0}, [
+        "crckd.bank_init_scale=0.0: expected None (1 / sqrt(crckd.contrast_dim / 3)) or a number > 0"]),
+    ({"crckd.normalize_eps": 0.0}, ["crckd.normalize_eps=0.0: expected a number > 0"]),
 ]
 
 # Edge values that are allowed.
@@ -228,6 +246,8 @@ ALLOWED = [
     ({"model.init_from": "TMP"}, {}),
     ({"data.manifest": "TMP/missing.csv", "data.synthetic.enabled": False}, {"check_paths": False}),
     ({"data.group_size": 6}, {"devices": None}),  # Device count unknown (eval, validate): not checked.
+    ({"stage": "crckd", "crckd.ccd_weight_late": 0.01, "crckd.bank_init_scale": 0.5, "crckd.ema_decay": 1.0,
+      "crckd.consistency_rampup_epochs": 0.0, "crckd.mean_teacher_start_epoch": 0}, {}),  # 0.01: the release.
 ]
 
 
@@ -285,6 +305,20 @@ def test_every_rule_has_a_broken_case_in_the_table(tmp_dir):
                for overrides, _, *kwargs in BROKEN):
       untested.append(rule.path)
   assert not untested, f"rules without a broken case in BROKEN: {untested}"
+
+
+def test_config_crckd_holds_every_field_of_the_cores_defaults_each_with_a_rule():
+  """config.crckd is derived from crckd.DEFAULTS (one source of the spec's values), and each value is checked."""
+  import dataclasses
+  from pagkd_jax.distill import crckd
+  section = base_config.get_config().crckd
+  fields = [f.name for f in dataclasses.fields(crckd.DEFAULTS)]
+  assert sorted(section.keys()) == sorted(fields)
+  for name in fields:
+    assert section[name] == getattr(crckd.DEFAULTS, name), name
+  assert section.ccd_weight_late == crckd.DEFAULTS.ccd_weight != crckd.RELEASE_CCD_WEIGHT_LATE  # Not the release's.
+  checked = {p for rule in config_check.RULES for p in rule.paths}
+  assert {f"crckd.{name}" for name in fields} <= checked
 
 
 def test_every_rule_reads_values_of_the_base_config():

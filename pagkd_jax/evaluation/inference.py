@@ -9,6 +9,7 @@ import numpy as np
 from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data import eval_batches
 from pagkd_jax.data.normalization import normalize_images
+from pagkd_jax.models import resnet
 from pagkd_jax.models.cam import class_activation_map
 
 
@@ -71,6 +72,6 @@ def make_cam_fn(model, normalization: str):
 
   def cams(variables, images, classes):
     _, features = model.apply(variables, normalize_images(images, normalization), train=False)
-    return class_activation_map(features, variables["params"]["fc"]["kernel"], classes)
+    return class_activation_map(features, resnet.class_kernel(variables["params"]), classes)
 
   return jax.jit(cams)

@@ -170,6 +170,9 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
                sum(r.modality == modality for r in train_records), modality.upper(), steps_per_epoch,
                num_steps, mesh.devices.size)
 
+  if hasattr(program, "for_training_records"):  # A program that needs the training split (see methods).
+    program = program.for_training_records(train_records, classes, config)
+  batch_options = dict(getattr(program, "batch_options", {}))
   model = experiment.build_model(config)
   tx = optimizer_lib.make_optimizer(config.optim, num_steps, steps_per_epoch,
                                     gated_params=getattr(program, "gated_params", ()))
@@ -180,7 +183,7 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
       train_records, classes=classes, modalities=program.modalities, group_size=group_size, image_size=size,
       aug_config=config.data.augment, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), num_workers=config.data.num_workers,
-      worker_buffer_size=config.data.worker_buffer_size)
+      worker_buffer_size=config.data.worker_buffer_size, **batch_options)
 
   meta = {"best_val_auc": None, "best_step": None}
   if resuming:
@@ -189,7 +192,8 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
   start_step = int(state.step)
 
   group_sharding = mesh_lib.group_batch_sharding(mesh)
-  batch_shardings = {m: group_sharding for m in program.modalities}
+  group_keys = class_groups.group_keys(program.modalities, **batch_options)  # (C, K, ...) arrays, sharded over K.
+  batch_shardings = {key: group_sharding for key in group_keys}
   batch_shardings["label"] = replicated
   frozen = jax.device_put(program.frozen, replicated)
   update_fn = program.make_update(model, tx, config, steps_per_epoch)
@@ -199,10 +203,10 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
   update = jax.jit(update_fn, in_shardings=(replicated, batch_shardings) + (replicated,) * len(frozen),
                    out_shardings=(replicated, replicated), donate_argnums=0)
   predict_fn = inference.make_predict_fn(model, config.data.normalization, mesh)
-  group_shape = (num_classes, group_size, size, size, 3)
 
   def to_global(local):
-    batch = {m: mesh_lib.global_array(local[m], group_sharding, group_shape) for m in program.modalities}
+    batch = {key: mesh_lib.global_array(local[key], group_sharding, (num_classes, group_size) + local[key].shape[2:])
+             for key in group_keys}
     batch["label"] = mesh_lib.global_array(local["label"], replicated, (num_classes,))
     return batch
 
