@@ -50,7 +50,7 @@ RUN_RECORD = "ablation_run.json"
 class Arm:
   name: str
   title: str
-  stage: str  # "teacher", "baseline" or "pagkd".
+  stage: str  # A stage of the methods table ("teacher", "baseline", "pagkd", "crckd").
   overrides: tuple[str, ...] = ()
   teacher: str = "teacher"  # Stage 2: the teacher arm (of the same seed) it distils from.
   preset_arg: str | None = None  # Runs on the preset file of --config with this argument (e.g. "oracle").
@@ -75,6 +75,8 @@ ARMS = {a.name: a for a in (
     Arm("unidirectional", "paper variant, unidirectional (NBI -> WLI)", "pagkd",
         ("--config.distill.bidirectional=False",)),
     Arm("oracle", "WLI oracle (the preset's oracle data)", "baseline", preset_arg="oracle"),
+    # The comparison method that needs no NBI data (CRCKD: mean teacher, class-guided contrast, relations).
+    Arm("crckd", "CRCKD (WLI only: mean teacher, CCD, CRP)", "crckd"),
     Arm("neg_shuffled_teacher", "negative control: teacher trained on shuffled labels", "pagkd",
         teacher="teacher_shuffled", negative_control=True),
     Arm("neg_permuted_groups", "negative control: teacher groups of the wrong class", "pagkd",

@@ -10,6 +10,8 @@ import pytest
 
 from training_configs import REPO_ROOT, load_script
 
+from pagkd_jax import methods
+
 
 ablations = load_script("ablations")
 
@@ -123,6 +125,10 @@ def test_arm_sets_teachers_presets_and_pretraining(tmp_path):
   names = lambda arms: [a.name for a in arms]
   assert names(ablations.resolve_arms(["ablations"])) == list(ablations.ARM_SETS["ablations"])
   assert names(ablations.resolve_arms(["pro_only"])) == ["teacher", "pro_only"]
+  assert names(ablations.resolve_arms(["crckd"])) == ["crckd"]  # WLI only: no NBI teacher.
+  crckd = ablations.train_args(ablations.ARMS["crckd"], 1, tmp_path, "configs/transfer.py", [])
+  assert "--config.stage=crckd" in crckd and not any("teacher.workdir" in a for a in crckd)
+  assert all(a.stage in methods.METHODS for a in ablations.ARMS.values())  # Every arm trains a known method.
   arms = names(ablations.resolve_arms(["neg_shuffled_teacher", "baseline", "baseline"]))
   assert arms == ["teacher_shuffled", "neg_shuffled_teacher", "baseline"]  # Its own teacher; no duplicates.
   transfer = names(ablations.resolve_arms(["transfer"]))
