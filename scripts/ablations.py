@@ -216,6 +216,8 @@ def loss_curve_summary(metrics_path: pathlib.Path) -> dict:
 
 DIAGNOSTICS = ("grad_cls_layer4", "grad_pro_layer4", "grad_den_layer4", "token_norm_wli", "token_norm_nbi")
 REGION_METRICS = ("lesion_iou", "disc_recall", "false_lesion_fraction")
+REGION_STAGES = ("without_par", "disc_through_par")
+REGION_DIAGNOSTICS = (*REGION_METRICS, "cam_peak_in_disc", *(f"{stage}_disc_recall" for stage in REGION_STAGES))
 
 
 def diagnostics_summary(metrics_path: pathlib.Path, report: dict) -> dict:
@@ -233,6 +235,11 @@ def diagnostics_summary(metrics_path: pathlib.Path, report: dict) -> dict:
     for metric in REGION_METRICS:
       if entry.get(metric) is not None:
         result[f"region/{who}_{metric}"] = float(entry[metric])
+    if entry.get("cam_peak_in_disc") is not None:
+      result[f"region/{who}_cam_peak_in_disc"] = float(entry["cam_peak_in_disc"])
+    for stage in REGION_STAGES:  # Where the labels lose the lesion (region_agreement.py).
+      if (entry.get(stage) or {}).get("disc_recall") is not None:
+        result[f"region/{who}_{stage}_disc_recall"] = float(entry[stage]["disc_recall"])
   return result
 
 
@@ -402,7 +409,7 @@ def criteria_lines(results: list[dict]) -> str:
 def diagnostics_table(summary: dict) -> str:
   """Mean ± std over seeds of each diagnostic that some arm has (gradient norms at layer4 and token norms over the
   distillation steps, region agreement with the true lesions on the test images); empty without any."""
-  names = [n for n in DIAGNOSTICS + tuple(f"region/{w}_{m}" for w in ("model", "teacher") for m in REGION_METRICS)
+  names = [n for n in DIAGNOSTICS + tuple(f"region/{w}_{m}" for w in ("model", "teacher") for m in REGION_DIAGNOSTICS)
            if any(n in e.get("diagnostics", {}) for e in summary.values())]
   if not names:
     return ""

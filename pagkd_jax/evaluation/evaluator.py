@@ -205,8 +205,11 @@ def _region_agreement(workdir, config, data, model, variables, test_records, whi
       logging.warning("%s: no teacher in %s, or no NBI test image: teacher region agreement left out.", workdir,
                       teacher_dir)
   for who, entry in result.items():
-    logging.info("%s: %s region labels against the true lesions: IoU %s, disc recall %s, false lesion %s", workdir,
-                 who, entry["lesion_iou"], entry["disc_recall"], entry["false_lesion_fraction"])
+    logging.info("%s: %s region labels against the true lesions: IoU %s, disc recall %s, false lesion %s; CAM "
+                 "maximum in the disc in %s of the images; disc recall without PAR %s, of a CAM equal to the disc "
+                 "after PAR %s", workdir, who, entry["lesion_iou"], entry["disc_recall"],
+                 entry["false_lesion_fraction"], entry["cam_peak_in_disc"], entry["without_par"]["disc_recall"],
+                 entry["disc_through_par"]["disc_recall"])
   return result
 
 
