@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
+from pagkd_jax import base_config
 from pagkd_jax import checkpointing
 from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
@@ -29,12 +31,18 @@ from pagkd_jax.evaluation import region_agreement
 
 
 def load_config(workdir: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-  """WORKDIR/config.json, with `overrides` ({"eval.calibrate": True, ...}, eval.py's --config.eval.X) applied."""
+  """WORKDIR/config.json, with `overrides` ({"eval.calibrate": True, ...}, eval.py's --config.eval.X) applied.
+  Values added to the project after the run was saved are what the run did (`base_config.complete_saved_config`)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir (train.py writes it).")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    saved, added = base_config.complete_saved_config(json.load(f))
+  config = ml_collections.ConfigDict(saved)
+  if added:
+    flat = traverse_util.flatten_dict(saved, sep=".")
+    logging.info("%s: config values added since the run was saved, read as what it did: %s", workdir,
+                 ", ".join(f"{k}={flat[k]!r}" for k in added))
   for key, value in (overrides or {}).items():
     *parents, name = key.split(".")
     node = config
