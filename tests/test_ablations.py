@@ -286,3 +286,27 @@ def test_runner_trains_teacher_once_reuses_it_and_skips_finished_runs(tmp_path):
   again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "[run ]" not in again.stdout and again.stdout.count("[skip]") == 2
+
+  # A rerun of the student arm in another root, sharing the first root's teacher: only the student trains.
+  rerun_root = tmp_path / "rerun"
+  shared = [c if not c.startswith("--root=") else f"--root={rerun_root}" for c in cmd] + [f"--shared_root={root}"]
+  rerun = subprocess.run(shared, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+  assert "[skip] seed 0 teacher" in rerun.stdout and "[run ] seed 0 pro_only" in rerun.stdout
+  assert not (rerun_root / "seed0" / "teacher").exists()
+  student = json.loads((rerun_root / "seed0" / "pro_only" / ablations.RUN_RECORD).read_text())
+  assert f"--config.teacher.workdir={root / 'seed0' / 'teacher'}" in student["train_args"]
+  result = json.loads((rerun_root / "ablations.json").read_text())
+  assert set(result["summary"]) == {"teacher", "pro_only"} and result["settings"]["shared_root"] == str(root)
+
+  # The region-label stages of the student and its teacher; with the run's own resampling they are eval.py's.
+  stages_json = tmp_path / "stages.json"
+  out = subprocess.run([sys.executable, "scripts/region_label_stages.py", f"--workdir={root / 'seed0' / 'pro_only'}",
+                        f"--out={stages_json}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  stages = json.loads(stages_json.read_text())[str(root / "seed0" / "pro_only")]
+  assert set(stages) == {"model", "teacher"} and set(stages["model"]) == {"release", "area"}
+  for who in ("model", "teacher"):
+    expected = {k: v for k, v in report["region_agreement"][who].items() if k not in ("modality", "workdir")}
+    assert stages[who][config["distill"]["par_resampling"]] == expected, who
+  assert "PAR area" in out.stdout and "PAR release" in out.stdout
