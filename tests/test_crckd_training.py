@@ -17,7 +17,7 @@ import pytest
 
 from pagkd_jax import checkpointing
 from pagkd_jax.distill import crckd
-from subprocess_env import env_with_xla_flags
+from subprocess_env import env_with_xla_flags, run_on_host_devices
 
 pytestmark = pytest.mark.slow
 
@@ -237,8 +237,4 @@ EIGHT_DEVICES = textwrap.dedent("""
 
 
 def test_crckd_update_on_one_and_eight_devices_agrees(repo_root):
-  env = env_with_xla_flags("--xla_force_host_platform_device_count=8", PYTHONPATH=str(repo_root))
-  result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], env=env, capture_output=True, text=True,
-                          timeout=3000, cwd=repo_root)
-  assert result.returncode == 0, result.stderr[-4000:]
-  assert "OK" in result.stdout
+  run_on_host_devices(EIGHT_DEVICES, repo_root, timeout=3000)
