@@ -1,5 +1,5 @@
 """Multi-host training for real: two train.py processes on 127.0.0.1 joined by jax.distributed (CPU collectives),
-one CPU device each, against one process with two devices. Then the checkpoints are evaluated on other device
+one CPU device each, against one process with two devices (PaGKD's two stages, and CRCKD). Then the checkpoints are evaluated on other device
 counts than they were written with."""
 
 import json
@@ -27,8 +27,9 @@ def _env(devices: int):
   return env_with_xla_flags(f"--xla_force_host_platform_device_count={devices}")
 
 
-def _train_args(workdir, data_dir):
-  """Both stages (teacher, then the PaGKD student with distillation from step 1) of the smoke config, shrunk."""
+def _train_args(workdir, data_dir, *extra):
+  """Both stages (teacher, then the PaGKD student with distillation from step 1) of the smoke config, shrunk;
+  `extra` overrides after them (another stage)."""
   return [
       sys.executable, "train.py", "--config=configs/synthetic.py:smoke", f"--workdir={workdir}",
       f"--config.data.synthetic.out={data_dir}", "--config.data.synthetic.lesions_per_class=8",
@@ -37,8 +38,12 @@ def _train_args(workdir, data_dir):
       "--config.train.num_steps=4", "--config.train.log_every_steps=2", "--config.train.eval_every_steps=2",
       "--config.train.checkpoint_every_steps=2", "--config.distill.warmup_epochs=0",
       "--config.distill.thresholds=(0.8, 0.2)", "--config.eval.bootstrap_samples=20",
-      "--config.eval.num_cam_images=2",
+      "--config.eval.num_cam_images=2", *extra,
   ]
+
+
+# CRCKD with every loss on from the first step: the EMA teacher and both memory banks cross the processes too.
+CRCKD = ("--config.stage=crckd", "--config.crckd.mean_teacher_start_epoch=0", "--config.crckd.num_negatives=32")
 
 
 def _errors(stderr: str) -> str:
@@ -47,17 +52,15 @@ def _errors(stderr: str) -> str:
   return "\n".join(lines[-80:])[-6000:]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, repo_root):
-  root = tmp_path_factory.mktemp("multiprocess")
-  data_dir = root / "data"
-  one = subprocess.run(_train_args(root / "one_process", data_dir), cwd=repo_root, env=_env(2),
+def _one_and_two_processes(root, data_dir, repo_root, *extra) -> None:
+  """The same run in ROOT/one_process (one process, two devices) and ROOT/two_processes (two, one device each)."""
+  one = subprocess.run(_train_args(root / "one_process", data_dir, *extra), cwd=repo_root, env=_env(2),
                        capture_output=True, text=True, timeout=900)
   assert one.returncode == 0, one.stderr[-4000:]
   assert "steps on 2 devices" in one.stderr
 
   port = _free_port()
-  procs = [subprocess.Popen(_train_args(root / "two_processes", data_dir) + [
+  procs = [subprocess.Popen(_train_args(root / "two_processes", data_dir, *extra) + [
       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=repo_root, env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
   errs = [p.communicate(timeout=900)[1] for p in procs]
@@ -65,6 +68,19 @@ def runs(tmp_path_factory, repo_root):
     assert p.returncode == 0, f"process {i}: {_errors(err)}"
   assert "Process 1 of 2; 1 local and 2 global devices" in errs[1]
   assert "steps on 2 devices" in errs[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, repo_root):
+  root = tmp_path_factory.mktemp("multiprocess")
+  _one_and_two_processes(root, root / "data", repo_root)
+  return root
+
+
+@pytest.fixture(scope="module")
+def crckd_runs(tmp_path_factory, runs, repo_root):
+  root = tmp_path_factory.mktemp("multiprocess_crckd")
+  _one_and_two_processes(root, runs / "data", repo_root, *CRCKD)
   return root
 
 
@@ -81,6 +97,20 @@ def test_two_processes_end_with_the_parameters_of_one_process_with_two_devices(r
   # Only process 0 writes the logs, once per step.
   rows = [json.loads(line) for line in open(runs / "two_processes" / stage_dir / "metrics.jsonl")]
   assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
+
+
+def test_crckd_in_two_processes_ends_as_in_one_process_with_two_devices(crckd_runs):
+  """CRCKD's state beyond the model: the EMA teacher and the memory banks, whose rows of a global batch are gathered
+  from both processes and updated once, must end as in one process (bit for bit, as above)."""
+  step_1, one = checkpointing.read_latest_state(crckd_runs / "one_process")
+  step_2, two = checkpointing.read_latest_state(crckd_runs / "two_processes")
+  assert step_1 == step_2 == 4
+  assert {"teacher", "banks"} <= set(one)
+  for part in ("params", "batch_stats", "teacher", "banks"):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, err_msg=part), two[part], one[part])
+  rows = [json.loads(line) for line in open(crckd_runs / "two_processes" / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "train/loss" in r] == [2, 4]
+  assert all(r["train/loss_ccd"] > 0 and r["train/loss_crp"] >= 0 for r in rows if "train/loss" in r)
 
 
 def test_checkpoints_evaluate_on_another_number_of_devices(runs, repo_root):
