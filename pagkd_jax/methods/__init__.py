@@ -20,7 +20,18 @@ A program says what the loop trains:
       passes `gated_on=True` (`optimizer.make_optimizer`);
   program.selection_warmup_steps(config, steps_per_epoch) (optional, default 0): updates of a warm-up whose
       validations may not choose the best checkpoint when `train.select_after_warmup` is set;
-  program.eval_variables(state) -> {"params", "batch_stats"}: the classifier that is validated and shipped.
+  program.eval_variables(state) -> {"params", "batch_stats"}: the classifier that is validated and shipped;
+  program.train_records(data) (optional, default: every training record): the records of the class-group stream
+      (`data`: the run's `experiment.SplitData`);
+  program.extra_streams (optional, default ()): streams trained beside the class-group stream, e.g. the paired
+      stream (`streams.PairedStream`). Each has
+        name: names its metrics (train/<name>/...) and its checkpoint item (data_iter_<name>);
+        make_iterator(config, data, process_index, process_count) -> (checkpointable iterator, steps per epoch);
+        batch_layout(config) -> {key: (global shape, split over the devices along the first axis)};
+        make_update(model, tx, config, steps_per_epoch) -> update(state, batch, *frozen) -> (state, metrics),
+            jitted like the class-group update, with the same state and frozen inputs.
+      One iteration takes a step of each extra stream, then one of the class-group stream; `steps_per_epoch` and
+      every step count (state.step, train.num_steps, warm-ups) count the updates of all streams (`trainer`).
 
 This module imports nothing of the project, so any module (the config check, the data split, the trainer) can read
 the table without importing a method; a method's module is imported when it trains.
