@@ -128,6 +128,11 @@ def get_config() -> ml_collections.ConfigDict:
   d.level = "group"  # "group" (PaGKD) or "image" (ablation: each WLI image with one same-class NBI image).
   d.embed_dim = 128  # d of the bias-free 1x1 group-feature embeddings (student, and teacher side).
   d.warmup_epochs = 5.0  # Cross-entropy only before this.
+  # "PaGKD (all)" (spec 8): also train on the pairs of the training split (data.paired_batch_size pairs a step, then
+  # a class-group step of the unpaired WLI images and all NBI images): CE on the paired WLI images plus, after the
+  # warm-up, lambda_den times the per-image dense loss in both directions. Needs pairs (manifest pair_id,
+  # data.synthetic.paired_fraction > 0).
+  d.paired = False
   # GKD-Pro (spec 4).
   d.use_pro = True
   d.lambda_pro = config_dict.placeholder(float)  # None: 1 (paper) or 0.001 (release).

@@ -157,6 +157,10 @@ def _group_size_fits(k, devices, processes) -> bool:
   return not in_range(k, integer=True, minimum=1) or (k % devices == 0 and k % processes == 0)
 
 
+def _paired_batch_fits(b, devices, processes, paired) -> bool:
+  return paired is not True or _group_size_fits(b, devices, processes)
+
+
 def _heads_divide_embed_dim(heads, embed_dim, variant, use_pro, prototypes) -> bool:
   heads = qformer.DEFAULT_HEADS.get(variant) if heads is None else heads
   if not (use_pro is True and prototypes == "qformer"):
@@ -223,6 +227,9 @@ RULES: list[Rule] = [
     Rule(("data.group_size", "devices", "processes"), _group_size_fits,
          "a multiple of the number of devices and of the number of processes (each gets an equal share)"),
     number("data.paired_batch_size", integer=True, minimum=1),
+    Rule(("data.paired_batch_size", "devices", "processes"), _paired_batch_fits,
+         "a multiple of the number of devices and of the number of processes when distill.paired=True (each gets "
+         "an equal share of the pairs)", uses=("distill.paired",)),
     number("data.eval_batch_size", integer=True, minimum=1),
     number("data.num_workers", integer=True, minimum=0),
     number("data.worker_buffer_size", integer=True, minimum=1),
@@ -299,6 +306,7 @@ RULES: list[Rule] = [
     choice("distill.level", pagkd.LEVELS),
     number("distill.embed_dim", integer=True, minimum=1),
     number("distill.warmup_epochs", minimum=0),
+    flag("distill.paired"),
     flag("distill.use_pro"),
     number("distill.lambda_pro", minimum=0, none="the variant's default"),
     choice("distill.prototypes", qformer.EXTRACTOR_KINDS),

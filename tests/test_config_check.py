@@ -50,6 +50,10 @@ BROKEN = [
     ({"data.image_size": 16}, ["data.image_size=16: expected an integer >= 32"]),
     ({"data.image_size": 64.0}, ["data.image_size=64.0: expected an integer >= 32"]),
     ({"data.group_size": 0}, ["data.group_size=0: expected an integer >= 1"]),
+    ({"data.paired_batch_size": 6, "distill.paired": True}, [
+        "data.paired_batch_size=6, devices=4, processes=1: expected a multiple of the number of devices and of the "
+        "number of processes when distill.paired=True (each gets an equal share of the pairs)"], {"devices": 4}),
+    ({"distill.paired": 1}, ["distill.paired=1: expected True or False"]),
     ({"data.group_size": 6}, ["data.group_size=6, devices=4, processes=1: expected a multiple of the number of devices "
                               "and of the number of processes (each gets an equal share)"], {"devices": 4}),
     ({"data.group_size": 6}, ["data.group_size=6, devices=2, processes=4: expected a multiple of the number of devices "
@@ -198,6 +202,7 @@ BROKEN = [
 ALLOWED = [
     ({"data.fold": 4, "data.val_fraction": 0.0, "data.image_size": 32, "data.synthetic.image_size": 32}, {}),
     ({"data.group_size": 8}, {"devices": 8, "processes": 2}),
+    ({"data.paired_batch_size": 6}, {"devices": 4}),  # The paired stream is off: its batch size is not used.
     ({"data.synthetic.enabled": False, "data.manifest": "TMP/file.csv"}, {}),
     ({"data.synthetic.enabled": False, "data.root": "TMP"}, {}),
     ({"data.synthetic.enabled": False, "data.synthetic.out": "", "data.synthetic.image_size": 16,

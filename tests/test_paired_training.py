@@ -113,3 +113,106 @@ def test_a_checkpoint_without_the_paired_stream_is_not_resumed_with_it(tmp_path)
   trainer.run_stage(_config(data_dir, 2), workdir, classifier.ClassifierProgram("wli"))
   with pytest.raises(checkpointing.CheckpointMismatchError, match="no position of the paired stream"):
     trainer.run_stage(_config(data_dir, 4), workdir, WliWithPairs())
+
+
+# ---- PaGKD's paired update (config.distill.paired) -----------------------------------------------------------------
+def _np_dense(q, k, lq, lk, ambiguous):
+  """NumPy reference of one direction of the per-image dense loss (spec 8), float64."""
+  b = q.shape[0]
+  q, k = q.reshape(b, -1, q.shape[-1]).astype(np.float64), k.reshape(b, -1, k.shape[-1]).astype(np.float64)
+  lq, lk = lq.reshape(b, -1, 1), lk.reshape(b, 1, -1)
+  w = np.where((lq == -1) | (lk == -1), ambiguous, (lq == lk).astype(np.float64))
+  logits = np.where(w == 0, -1e9, np.einsum("btd,bvd->btv", q, k) * w)
+  a = np.exp(logits - logits.max(-1, keepdims=True))
+  a /= a.sum(-1, keepdims=True)
+  recon = np.einsum("btv,bvd->btd", a, k).reshape(b, -1)
+  flat = q.reshape(b, -1)
+  cos = (recon * flat).sum(-1) / np.sqrt(((recon ** 2).sum(-1) + 1e-12) * ((flat ** 2).sum(-1) + 1e-12))
+  return np.mean(1 - cos)
+
+
+def test_paired_loss_is_cross_entropy_plus_lambda_times_both_directions_of_the_dense_loss():
+  from pagkd_jax import base_config
+  from pagkd_jax.distill import pagkd as pagkd_distill
+  from pagkd_jax.methods import pagkd as pagkd_method
+  from pagkd_jax.models import resnet
+  from pagkd_jax.training import optimizer
+
+  c, b, s = 3, 4, 32
+  config = base_config.get_config()
+  config.stage, config.model.name, config.data.image_size = "pagkd", "tiny", s
+  config.distill.warmup_epochs, config.distill.lambda_den = 1.0, 0.7  # Warm-up: 5 steps.
+  config.distill.embed_dim, config.distill.num_queries, config.distill.qformer_heads = 16, 4, 4
+  model = resnet.create_resnet("tiny", c)
+  tx = optimizer.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5)
+  state = pagkd_method.PaGKDProgram(frozen=()).init_state(model, tx, jax.random.key(0), config)
+  teacher = model.init(jax.random.key(7), jnp.zeros((1, s, s, 3)))
+  rng = np.random.default_rng(0)
+  batch = {"wli": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
+           "nbi": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8), "label": np.array([0, 2, 1, 2], np.int32)}
+  loss_fn = jax.jit(pagkd_method.make_paired_loss(model, config, steps_per_epoch=5))
+
+  # The pieces, from the model and the region labels (tested elsewhere), then the sum in NumPy.
+  x_wli = normalize_images(jnp.asarray(batch["wli"]), config.data.normalization)
+  x_nbi = normalize_images(jnp.asarray(batch["nbi"]), config.data.normalization)
+  (logits, f_wli), _ = model.apply({"params": state.params["student"], "batch_stats": state.batch_stats["student"]},
+                                   x_wli, train=True, mutable=["batch_stats"])
+  _, f_nbi = model.apply(teacher, x_nbi, train=False)
+  labels = jnp.asarray(batch["label"])
+  r_wli = np.asarray(pagkd_distill.region_labels(x_wli, f_wli, state.params["student"]["fc"]["kernel"], labels,
+                                                 config.distill))
+  r_nbi = np.asarray(pagkd_distill.region_labels(x_nbi, f_nbi, teacher["params"]["fc"]["kernel"], labels,
+                                                 config.distill))
+  t_wli = np.asarray(f_wli, np.float64) @ np.asarray(state.params["heads"]["student_embed"]["kernel"], np.float64)
+  t_nbi = np.asarray(f_nbi, np.float64) @ np.asarray(state.params["heads"]["teacher_embed"]["kernel"], np.float64)
+  z = np.asarray(logits, np.float64)
+  ce = np.mean(np.log(np.exp(z).sum(-1)) - z[np.arange(b), batch["label"]])
+  dense = _np_dense(t_nbi, t_wli, r_nbi, r_wli, 0.5) + _np_dense(t_wli, t_nbi, r_wli, r_nbi, 0.5)
+  assert dense > 0
+
+  loss, (terms, _) = loss_fn(state.params, state.batch_stats, jnp.int32(4), batch, teacher)  # Warm-up: CE only.
+  np.testing.assert_allclose(float(loss), ce, rtol=1e-5)
+  assert float(terms["loss_dense"]) == 0 and float(terms["distill_on"]) == 0
+  loss, (terms, _) = loss_fn(state.params, state.batch_stats, jnp.int32(5), batch, teacher)
+  np.testing.assert_allclose(float(terms["loss_dense"]), dense, rtol=1e-4)
+  np.testing.assert_allclose(float(loss), ce + 0.7 * dense, rtol=1e-4)
+
+
+def test_paired_true_without_pairs_fails_before_the_teacher_naming_the_count(tmp_path):
+  config = tiny_synthetic_config(tmp_path / "data", stage="pagkd")
+  config.distill.paired = True  # paired_fraction stays 0: no pairs.
+  with pytest.raises(ValueError, match=r"data.paired_batch_size=24 pairs in the training split, found 0"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "teacher")
+
+
+def test_pagkd_all_from_the_command_line_then_evaluation(tmp_path, repo_root):
+  import subprocess
+  import sys
+
+  def run(args):
+    done = subprocess.run([sys.executable, *args], cwd=repo_root, capture_output=True, text=True, timeout=1800,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-5000:]
+    return done
+
+  workdir = tmp_path / "run"
+  run(["train.py", "--config=configs/synthetic.py:smoke", f"--workdir={workdir}",
+       f"--config.data.synthetic.out={tmp_path / 'data'}", "--config.data.synthetic.paired_fraction=0.5",
+       "--config.distill.paired=True", "--config.data.paired_batch_size=4",
+       "--config.data.synthetic.lesions_per_class=8", "--config.data.synthetic.image_size=32",
+       "--config.data.synthetic.images_per_lesion=2", "--config.data.image_size=32", "--config.data.group_size=4",
+       "--config.data.eval_batch_size=16", "--config.train.num_steps=6", "--config.train.log_every_steps=1",
+       "--config.train.eval_every_steps=6", "--config.train.checkpoint_every_steps=6",
+       "--config.distill.warmup_epochs=0", "--config.eval.bootstrap_samples=20", "--config.eval.num_cam_images=1"])
+  rows = _rows(workdir)
+  paired = [r for r in rows if "train/paired/loss" in r]
+  groups = [r for r in rows if "train/loss" in r]
+  assert paired and groups and len(paired) + len(groups) == 6
+  assert all(r["train/paired/loss_dense"] > 0 and r["train/paired/distill_on"] == 1 for r in paired)
+  assert all(r["train/loss_pro"] > 0 for r in groups)  # GKD-Pro on the class-group batches only.
+  assert os.path.isdir(workdir / "checkpoints" / "latest" / "6" / "data_iter_paired")
+
+  run(["eval.py", f"--workdir={workdir}"])
+  report = json.load(open(workdir / "eval" / "metrics.json"))
+  assert report["stage"] == "pagkd" and 0.0 <= report["auc"] <= 1.0
