@@ -9,40 +9,11 @@ latest checkpoint. SIGTERM (cloud preemption) saves a checkpoint and exits with 
 with status 1 and the step and term named.
 Multi-host: add --coordinator_address=HOST0:PORT --num_processes=N --process_id=I on every host (or --distributed
 under Slurm / Open MPI), with the same --workdir on a shared file system.
+
+The command lives in pagkd_jax/cli/train.py; an installed package also has it as `pagkd-train`.
 """
 
-import signal
-import sys
-
-import jax
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
-
-from pagkd_jax import config_check
-from pagkd_jax import runtime
-from pagkd_jax.training import preemption
-from pagkd_jax.training import trainer
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration file (configs/<name>.py[:arg]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  runtime.initialize()
-  config_check.exit_on_problems(config_check.find_problems(
-      _CONFIG.value, devices=jax.device_count(), processes=jax.process_count()))
-  try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except preemption.Preempted as e:
-    logging.warning("%s", e)
-    sys.exit(128 + signal.SIGTERM)
-
+from pagkd_jax.cli import train as _cli
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run()

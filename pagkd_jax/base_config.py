@@ -5,6 +5,8 @@ not stored: they are computed where they are used, so an override of the value t
 never leave them stale.
 """
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -15,7 +17,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # "teacher": cross-entropy on NBI; "baseline": cross-entropy on WLI; "pagkd": distillation.
+  # "teacher": cross-entropy on NBI; "baseline": cross-entropy on WLI; "pagkd": distillation; "crckd": CRCKD, the
+  # WLI-only distillation from a mean teacher to compare against (config.crckd).
   config.stage = "pagkd"
 
   # ---- data ----------------------------------------------------------------------------------
@@ -32,13 +35,17 @@ def get_config() -> ml_collections.ConfigDict:
   # synthetic data set that fixes its split (synthetic.eval_lesions_per_class > 0).
   data.splits = "folds"
   # Training checks every image first (python -m pagkd_jax.data.validate runs the same check) and refuses to start
-  # on any error. True: missing, unreadable, undecodable or too small files are left out instead (the other images
-  # keep their split) and listed in WORKDIR/skipped_files.csv; manifest and data-set errors still stop training.
+  # on any error. True: missing, unreadable or undecodable files (and files below data.min_image_size) are left out
+  # instead (the other images keep their split) and listed in WORKDIR/skipped_files.csv; manifest and data-set
+  # errors still stop training.
   data.skip_bad_files = False
   # Negative control: permute the labels of the training images (within each modality, a fixed permutation per
   # config.seed); validation and test labels are untouched, so a model trained on them scores near chance.
   data.shuffle_train_labels = False
   data.image_size = 448
+  # A floor on the images' shorter side: smaller ones are errors of the data check (bad files). 0: no floor; images
+  # smaller than data.image_size are upsampled like every other image is resized, with a warning that counts them.
+  data.min_image_size = 0
   data.group_size = 8  # N_c: images of every class, per modality, in every training batch.
   # B of the paired stream (spec 8, the release's 24): pairs per paired batch; an epoch's last pairs that fill no
   # batch are left out of that epoch (pagkd_jax/data/pair_batches.py). Used only when the paired stream runs.
@@ -117,6 +124,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ev = ml_collections.ConfigDict()
   ev.bootstrap_samples = 1000
   ev.num_cam_images = 12
+  # Fit one temperature on the validation split (never test) and store it in WORKDIR/calibration.json: eval.py,
+  # predict.py and the exported model then give softmax(logits / temperature).
+  ev.calibrate = False
+  ev.calibration_bins = 15  # Equal-width confidence bins of the expected calibration error and reliability diagram.
 
   # ---- teacher (stage 2) -------------------------------------------------------------------------
   config.teacher = teacher = ml_collections.ConfigDict()
@@ -156,9 +167,48 @@ def get_config() -> ml_collections.ConfigDict:
   # Negative controls (distillation that must not help). Teacher groups given the wrong class: the WLI group of
   # class c is distilled from the NBI group of class (c + shift) mod C (GKD-Pro and GKD-Den); 0 = the method.
   d.teacher_class_shift = 0
+  # True: the shift is drawn afresh at every step, uniformly from 1..C-1, so each WLI group meets the NBI group of
+  # another class and no class correspondence holds from one step to the next (a fixed shift keeps one: a relabelling
+  # the group losses can still learn). Needs C >= 3 and teacher_class_shift 0.
+  d.teacher_class_shift_per_step = False
   d.region_labels = "cam_par"  # "cam_par" (spec 5.1-5.3) or "random" (negative control: i.i.d. labels per position).
   d.random_region_fractions = (1 / 3, 1 / 3, 1 / 3)  # Probabilities of lesion, background, ambiguous ("random").
+
+  # ---- CRCKD (stage "crckd"; spec CRCKD.md) ---------------------------------------------------------
+  # One value per field of pagkd_jax.distill.crckd.DEFAULTS, the spec's values (their meaning: its docstring), e.g.
+  # crckd.embed_dim (the classifier's 128-d "feature4" before the head), crckd.num_positives (P = 20),
+  # crckd.num_negatives (K = 4096). crckd.ccd_weight_late = 0.01 reproduces the public release, which multiplies the
+  # CCD weight by 0.1 twice from crckd.mean_teacher_start_epoch on (the spec keeps 0.1).
+  config.crckd = crckd_config()
   return config
+
+
+def split_class_names(classes) -> tuple[str, ...]:
+  """Class names as a command line gives them -> a tuple of names: "a,b,c" and ("a,b,c",) (what ml_collections makes
+  of --config.data.classes=a,b,c) become ("a", "b", "c"); a tuple of names stays as it is. Names are stripped and
+  empty ones ("a,b,") dropped; anything that is not a string is kept for the config check to report."""
+  items = (classes,) if isinstance(classes, str) else tuple(classes)
+  names = (name.strip() if isinstance(name, str) else name
+           for item in items for name in (item.split(",") if isinstance(item, str) else (item,)))
+  return tuple(name for name in names if name != "")
+
+
+def from_command_line(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of a command line (train.py, the data check) in the form the code reads; call it before the config
+  check. Today: `data.classes` given as a comma-separated list (`split_class_names`)."""
+  config.data.classes = split_class_names(config.data.classes)
+  return config
+
+
+def crckd_config() -> ml_collections.ConfigDict:
+  """config.crckd: the fields of `crckd.DEFAULTS` with their values (None, `bank_init_scale`'s "the spec's s", as a
+  float placeholder)."""
+  from pagkd_jax.distill import crckd  # The values live there, beside the code that uses them.
+  section = ml_collections.ConfigDict()
+  for field in dataclasses.fields(crckd.DEFAULTS):
+    value = getattr(crckd.DEFAULTS, field.name)
+    section[field.name] = config_dict.placeholder(float) if value is None else value
+  return section
 
 
 def apply_release_conventions(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

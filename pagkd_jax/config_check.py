@@ -175,6 +175,10 @@ def _default_proj_dim_ok(embed_dim, proj_dim, use_den, variant) -> bool:
           or not in_range(embed_dim, integer=True, minimum=1) or embed_dim // 4 >= 1)
 
 
+def _per_step_shift_ok(per_step, classes, shift) -> bool:
+  return per_step is not True or (is_sequence(classes) and len(classes) >= 3 and shift == 0)
+
+
 def _synthetic_size_ok(synthetic_size, image_size, enabled) -> bool:
   return enabled is not True or not (is_int(synthetic_size) and is_int(image_size)) or synthetic_size >= image_size
 
@@ -223,6 +227,7 @@ RULES: list[Rule] = [
     flag("data.skip_bad_files"),
     flag("data.shuffle_train_labels"),
     number("data.image_size", integer=True, minimum=32),
+    number("data.min_image_size", integer=True, minimum=0),
     number("data.group_size", integer=True, minimum=1),
     Rule(("data.group_size", "devices", "processes"), _group_size_fits,
          "a multiple of the number of devices and of the number of processes (each gets an equal share)"),
@@ -299,6 +304,8 @@ RULES: list[Rule] = [
     # evaluation
     number("eval.bootstrap_samples", integer=True, minimum=0),
     number("eval.num_cam_images", integer=True, minimum=0),
+    flag("eval.calibrate"),
+    number("eval.calibration_bins", integer=True, minimum=1),
     # teacher
     existing("teacher.workdir", "folder", "the workdir of a trained NBI teacher"),
     # distillation
@@ -335,10 +342,32 @@ RULES: list[Rule] = [
     number("distill.par_temperature", above=0),
     number("distill.par_pos_weight", minimum=0),
     number("distill.teacher_class_shift", integer=True),
+    flag("distill.teacher_class_shift_per_step"),
+    Rule("distill.teacher_class_shift_per_step", _per_step_shift_ok,
+         "False unless data.classes has at least 3 classes (with 2 the only other class is fixed) and "
+         "distill.teacher_class_shift is 0", uses=("data.classes", "distill.teacher_class_shift")),
     choice("distill.region_labels", pagkd.REGION_LABEL_SOURCES),
     Rule("distill.random_region_fractions", lambda f: is_sequence(f) and len(f) == 3
          and all(in_range(x, minimum=0) for x in f) and sum(f) > 0,
          "three numbers >= 0 with a positive sum (lesion, background, ambiguous)"),
+    # CRCKD (one rule per field of crckd.DEFAULTS; test_config_check checks that none is missing)
+    number("crckd.embed_dim", integer=True, minimum=1),
+    number("crckd.contrast_dim", integer=True, minimum=1),
+    number("crckd.ema_decay", minimum=0, maximum=1),
+    number("crckd.consistency_weight", minimum=0),
+    number("crckd.consistency_rampup_epochs", minimum=0),
+    number("crckd.mean_teacher_start_epoch", minimum=0),
+    number("crckd.num_positives", integer=True, minimum=1),
+    number("crckd.num_negatives", integer=True, minimum=1),
+    number("crckd.temperature", above=0),
+    number("crckd.bank_momentum", minimum=0, maximum=1),
+    number("crckd.nce_eps", minimum=0),
+    number("crckd.ccd_weight", minimum=0),
+    number("crckd.ccd_weight_late", minimum=0),
+    number("crckd.crp_weight", minimum=0),
+    number("crckd.crp_temperature", above=0),
+    number("crckd.bank_init_scale", above=0, none="1 / sqrt(crckd.contrast_dim / 3)"),
+    number("crckd.normalize_eps", above=0),
 ]
 
 

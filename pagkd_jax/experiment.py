@@ -118,5 +118,7 @@ def distillation_on(config, step: int, steps_per_epoch: int) -> bool:
 
 
 def build_model(config) -> resnet.ResNet:
+  """The classifier of `config`: its architecture, and the Linear before the head that its stage's method adds
+  (`methods.embedding_dim`)."""
   return resnet.create_resnet(config.model.name, len(config.data.classes), config.model.dtype,
-                              config.model.conv_impl)
+                              config.model.conv_impl, embed_dim=methods.embedding_dim(config))

@@ -153,8 +153,9 @@ def test_arm_sets_teachers_presets_and_pretraining(tmp_path):
   assert not any("init_from" in a for a in ablations.train_args(ablations.ARMS["baseline"], 1, tmp_path, "c.py", []))
   assert ablations.pretrain_args(1, tmp_path, "configs/transfer.py:pretrain", ["--x=1"]) == [
       "--config=configs/transfer.py:pretrain", f"--workdir={pretrain}", "--config.seed=1", "--x=1"]
-  for arm in ("neg_permuted_groups", "neg_random_regions", "neg_shuffled_teacher"):
+  for arm in ("neg_permuted_groups", "neg_random_regions", "neg_shuffled_teacher", "neg_shift_per_step"):
     assert ablations.ARMS[arm].negative_control and ablations.ARMS[arm].stage == "pagkd"
+  assert [a.name for a in ablations.ARMS.values() if not a.preregistered] == ["neg_shift_per_step"]
 
 
 # Test AUC per seed of the arms the criteria read.
@@ -192,6 +193,12 @@ def test_criteria_from_the_paired_differences_to_the_control():
   assert "NOT EVALUABLE" in ablations.criteria_lines(alone)
   one_seed = {a: v[:1] for a, v in _CRITERIA_AUC.items()}
   assert all(c["pass"] is None for c in ablations.criteria(ablations.aggregate(_criteria_records(one_seed))))
+  # A control added after the pre-registration is judged by the same rule, and its line says so.
+  added = ablations.criteria(ablations.aggregate(_criteria_records(
+      {**_CRITERIA_AUC, "neg_shift_per_step": (0.68, 0.75, 0.66, 0.71)})))
+  assert [c["arm"] for c in added][-1] == "neg_shift_per_step" and added[-1]["pass"] is True
+  assert added[-1]["criterion"].startswith("added after the pre-registration: negative control")
+  assert not any(c["criterion"].startswith("added") for c in added[:-1])
 
 
 def test_diagnostics_from_metrics_and_report(tmp_path):

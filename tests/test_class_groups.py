@@ -225,3 +225,63 @@ def test_worker_processes_give_the_same_batches_and_share_the_state_format(recor
     assert with_worker.get_state() == {"step": 3}
   finally:
     with_worker.close()
+
+
+# sha256 of the first three batches of `_iterator(records, seed=3)` (keys sorted, then the bytes of each array),
+# written by the loader before it had the `views` and `row_indices` options: without them a batch is unchanged.
+BATCHES_BEFORE_THE_OPTIONS = "a32f0f2775eaac7175a386e1611ffc309bf92385efb6e5d436fd02b24683427c"
+
+
+def _digest(it, steps=3) -> str:
+  import hashlib
+  h = hashlib.sha256()
+  for _ in range(steps):
+    batch = next(it)
+    for key in sorted(batch):
+      h.update(key.encode())
+      h.update(np.ascontiguousarray(batch[key]).tobytes())
+  return h.hexdigest()
+
+
+def test_without_the_options_the_batches_are_bitwise_those_of_before(records):
+  assert _digest(_iterator(records, seed=3)) == BATCHES_BEFORE_THE_OPTIONS
+  assert _digest(_iterator(records, seed=3, views=1, row_indices=False)) == BATCHES_BEFORE_THE_OPTIONS
+
+
+def test_second_view_and_rows(records):
+  """views=2: the same images as the first view (centre colour) under another augmentation draw, and the first view
+  exactly as without the option; row_indices: each image's position among the training records of its modality."""
+  plain = _iterator(records, seed=3)
+  it = _iterator(records, seed=3, views=2, row_indices=True)
+  rows_of = {m: class_groups.row_records(records, m) for m in ("wli", "nbi")}
+  differs = 0
+  for _ in range(4):
+    batch, reference = next(it), next(plain)
+    assert set(batch) == {"wli", "nbi", "label", "wli_view2", "nbi_view2", "wli_row", "nbi_row"}
+    assert set(batch) - {"label"} == set(class_groups.group_keys(("wli", "nbi"), views=2, row_indices=True))
+    for m in ("wli", "nbi"):
+      np.testing.assert_array_equal(batch[m], reference[m])
+      np.testing.assert_array_equal(_identities(batch[f"{m}_view2"]), _identities(batch[m]))
+      differs += not np.array_equal(batch[f"{m}_view2"], batch[m])
+      rows = batch[f"{m}_row"]
+      assert rows.shape == (len(CLASSES), K) and rows.dtype == np.int32
+      # The row's record has the image's colour: its class (red) and number (green).
+      ids = _identities(batch[m])
+      for c in range(len(CLASSES)):
+        for k in range(K):
+          record = rows_of[m][rows[c, k]]
+          assert record.label == c and record.modality == m
+          assert ids[c, k, 1] == 10 * int(record.path.split("/")[-1][:2]) + 5
+  assert differs == 8  # Rotation and flips: the second view is another draw.
+
+
+def test_rows_are_the_same_in_every_process(records):
+  whole = _iterator(records, seed=5, views=2, row_indices=True, modalities=("wli",))
+  halves = [_iterator(records, seed=5, views=2, row_indices=True, modalities=("wli",), process_index=p,
+                      process_count=2) for p in range(2)]
+  for _ in range(3):
+    batch, parts = next(whole), [next(h) for h in halves]
+    for key in ("wli", "wli_view2", "wli_row"):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts], axis=1), batch[key])
+  with pytest.raises(ValueError, match="views must be 1 or 2"):
+    _iterator(records, views=3)

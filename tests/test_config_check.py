@@ -21,7 +21,7 @@ SOURCES = "exactly one data source: data.synthetic.enabled=True (generated image
 # (overrides of configs/synthetic.py:smoke, the problems they must produce[, find_problems arguments]). TMP stands
 # for an existing folder holding the file "file.csv"; a line ending in "..." is matched up to there.
 BROKEN = [
-    ({"stage": "student"}, ["stage='student': expected one of 'teacher', 'baseline', 'pagkd'"]),
+    ({"stage": "student"}, ["stage='student': expected one of 'teacher', 'baseline', 'pagkd', 'crckd'"]),
     ({"seed": -1}, ["seed=-1: expected an integer >= 0"]),
     ({"data.manifest": "TMP/file.csv"}, [
         "data.synthetic.enabled=True, data.manifest='TMP/file.csv', data.root='', data.tfds_dir='': "
@@ -49,6 +49,7 @@ BROKEN = [
     ({"data.shuffle_train_labels": "yes"}, ["data.shuffle_train_labels='yes': expected True or False"]),
     ({"data.image_size": 16}, ["data.image_size=16: expected an integer >= 32"]),
     ({"data.image_size": 64.0}, ["data.image_size=64.0: expected an integer >= 32"]),
+    ({"data.min_image_size": -1}, ["data.min_image_size=-1: expected an integer >= 0"]),
     ({"data.group_size": 0}, ["data.group_size=0: expected an integer >= 1"]),
     ({"data.paired_batch_size": 6, "distill.paired": True}, [
         "data.paired_batch_size=6, devices=4, processes=1: expected a multiple of the number of devices and of the "
@@ -141,6 +142,8 @@ BROKEN = [
     ({"train.log_grad_norms": 0}, ["train.log_grad_norms=0: expected True or False"]),
     ({"eval.bootstrap_samples": -1}, ["eval.bootstrap_samples=-1: expected an integer >= 0"]),
     ({"eval.num_cam_images": -1}, ["eval.num_cam_images=-1: expected an integer >= 0"]),
+    ({"eval.calibrate": "yes"}, ["eval.calibrate='yes': expected True or False"]),
+    ({"eval.calibration_bins": 0}, ["eval.calibration_bins=0: expected an integer >= 1"]),
     ({"teacher.workdir": "TMP/teacher"}, [
         "teacher.workdir='TMP/teacher': expected '' or an existing folder (the workdir of a trained NBI teacher)"]),
     ({"teacher.workdir": "TMP/file.csv"}, [
@@ -189,6 +192,14 @@ BROKEN = [
     ({"distill.par_temperature": 0.0}, ["distill.par_temperature=0.0: expected a number > 0"]),
     ({"distill.par_pos_weight": -0.01}, ["distill.par_pos_weight=-0.01: expected a number >= 0"]),
     ({"distill.teacher_class_shift": 0.5}, ["distill.teacher_class_shift=0.5: expected an integer"]),
+    ({"distill.teacher_class_shift_per_step": 1}, [
+        "distill.teacher_class_shift_per_step=1: expected True or False"]),
+    ({"distill.teacher_class_shift_per_step": True, "distill.teacher_class_shift": 1}, [
+        "distill.teacher_class_shift_per_step=True: expected False unless data.classes has at least 3 classes "
+        "(with 2 the only other class is fixed) and distill.teacher_class_shift is 0"]),
+    ({"distill.teacher_class_shift_per_step": True, "data.classes": ["a", "b"]}, [
+        "distill.teacher_class_shift_per_step=True: expected False unless data.classes has at least 3 classes "
+        "(with 2 the only other class is fixed) and distill.teacher_class_shift is 0"]),
     ({"distill.region_labels": "cams"}, ["distill.region_labels='cams': expected one of 'cam_par', 'random'"]),
     ({"distill.random_region_fractions": (0.5, 0.5)}, [
         "distill.random_region_fractions=(0.5, 0.5): expected three numbers >= 0 with a positive sum (lesion, "
@@ -196,6 +207,24 @@ BROKEN = [
     ({"distill.random_region_fractions": (1.0, -0.5, 0.5)}, [
         "distill.random_region_fractions=(1.0, -0.5, 0.5): expected three numbers >= 0 with a positive sum (lesion, "
         "background, ambiguous)"]),
+    ({"crckd.embed_dim": 0}, ["crckd.embed_dim=0: expected an integer >= 1"]),
+    ({"crckd.contrast_dim": 64.0}, ["crckd.contrast_dim=64.0: expected an integer >= 1"]),
+    ({"crckd.ema_decay": 1.5}, ["crckd.ema_decay=1.5: expected a number in [0, 1]"]),
+    ({"crckd.consistency_weight": -1.0}, ["crckd.consistency_weight=-1.0: expected a number >= 0"]),
+    ({"crckd.consistency_rampup_epochs": -1.0}, ["crckd.consistency_rampup_epochs=-1.0: expected a number >= 0"]),
+    ({"crckd.mean_teacher_start_epoch": -1}, ["crckd.mean_teacher_start_epoch=-1: expected a number >= 0"]),
+    ({"crckd.num_positives": 0}, ["crckd.num_positives=0: expected an integer >= 1"]),
+    ({"crckd.num_negatives": 0}, ["crckd.num_negatives=0: expected an integer >= 1"]),
+    ({"crckd.temperature": 0.0}, ["crckd.temperature=0.0: expected a number > 0"]),
+    ({"crckd.bank_momentum": 1.1}, ["crckd.bank_momentum=1.1: expected a number in [0, 1]"]),
+    ({"crckd.nce_eps": -1e-7}, ["crckd.nce_eps=-1e-07: expected a number >= 0"]),
+    ({"crckd.ccd_weight": -0.1}, ["crckd.ccd_weight=-0.1: expected a number >= 0"]),
+    ({"crckd.ccd_weight_late": None}, ["crckd.ccd_weight_late=None: expected a number >= 0"]),
+    ({"crckd.crp_weight": "1"}, ["crckd.crp_weight='1': expected a number >= 0"]),
+    ({"crckd.crp_temperature": -0.07}, ["crckd.crp_temperature=-0.07: expected a number > 0"]),
+    ({"crckd.bank_init_scale": 0.0}, [
+        "crckd.bank_init_scale=0.0: expected None (1 / sqrt(crckd.contrast_dim / 3)) or a number > 0"]),
+    ({"crckd.normalize_eps": 0.0}, ["crckd.normalize_eps=0.0: expected a number > 0"]),
 ]
 
 # Edge values that are allowed.
@@ -222,6 +251,8 @@ ALLOWED = [
     ({"model.init_from": "TMP"}, {}),
     ({"data.manifest": "TMP/missing.csv", "data.synthetic.enabled": False}, {"check_paths": False}),
     ({"data.group_size": 6}, {"devices": None}),  # Device count unknown (eval, validate): not checked.
+    ({"stage": "crckd", "crckd.ccd_weight_late": 0.01, "crckd.bank_init_scale": 0.5, "crckd.ema_decay": 1.0,
+      "crckd.consistency_rampup_epochs": 0.0, "crckd.mean_teacher_start_epoch": 0}, {}),  # 0.01: the release.
 ]
 
 
@@ -279,6 +310,20 @@ def test_every_rule_has_a_broken_case_in_the_table(tmp_dir):
                for overrides, _, *kwargs in BROKEN):
       untested.append(rule.path)
   assert not untested, f"rules without a broken case in BROKEN: {untested}"
+
+
+def test_config_crckd_holds_every_field_of_the_cores_defaults_each_with_a_rule():
+  """config.crckd is derived from crckd.DEFAULTS (one source of the spec's values), and each value is checked."""
+  import dataclasses
+  from pagkd_jax.distill import crckd
+  section = base_config.get_config().crckd
+  fields = [f.name for f in dataclasses.fields(crckd.DEFAULTS)]
+  assert sorted(section.keys()) == sorted(fields)
+  for name in fields:
+    assert section[name] == getattr(crckd.DEFAULTS, name), name
+  assert section.ccd_weight_late == crckd.DEFAULTS.ccd_weight != crckd.RELEASE_CCD_WEIGHT_LATE  # Not the release's.
+  checked = {p for rule in config_check.RULES for p in rule.paths}
+  assert {f"crckd.{name}" for name in fields} <= checked
 
 
 def test_every_rule_reads_values_of_the_base_config():
@@ -364,7 +409,10 @@ def _run(args, timeout=300):
     ("--config.data.manifest=/data/mine.csv", [
         "data.synthetic.enabled=True, data.manifest='/data/mine.csv', data.root='', data.tfds_dir='': expected "
         "exactly one data source", "data.manifest='/data/mine.csv': expected '' or an existing file"]),
-], ids=["variant", "group_size", "two_sources"])
+    # A comma-separated list is a tuple of names (here a repeated one, to stop the run): not one name "a,a".
+    ("--config.data.classes=adenoma, adenoma", [
+        "data.classes=('adenoma', 'adenoma'): expected at least 2 distinct, non-empty class names"]),
+], ids=["variant", "group_size", "two_sources", "classes_comma_separated"])
 def test_train_py_stops_before_the_teacher_with_status_2_and_writes_nothing(override, expected, tmp_path):
   workdir = tmp_path / "W"
   result = _run(["train.py", "--config=configs/synthetic.py:smoke", override, f"--workdir={workdir}"])
@@ -395,3 +443,14 @@ def test_validate_checks_the_config_before_reading_any_data(tmp_path):
   assert result.returncode == 2, result.stdout + result.stderr[-3000:]
   assert "  data.image_size=16: expected an integer >= 32" in result.stderr
   assert not out.exists()
+
+
+def test_class_names_from_the_command_line():
+  assert base_config.split_class_names("a,b,c") == ("a", "b", "c")
+  assert base_config.split_class_names(("a,b, c",)) == ("a", "b", "c")  # ml_collections' --config.data.classes=a,b,c
+  assert base_config.split_class_names(("a", "b")) == ("a", "b")
+  assert base_config.split_class_names(["x", "y,"]) == ("x", "y")
+  assert base_config.split_class_names(("a", 3)) == ("a", 3)  # Left for the check to report.
+  config = base_config.get_config()
+  config.data.classes = ("hyperplasia,adenoma",)
+  assert base_config.from_command_line(config).data.classes == ("hyperplasia", "adenoma")

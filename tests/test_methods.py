@@ -12,6 +12,8 @@ import pytest
 from pagkd_jax import config_check
 from pagkd_jax import experiment
 from pagkd_jax import methods
+from pagkd_jax.data import class_groups
+from pagkd_jax.data.records import ImageRecord
 from pagkd_jax.training import optimizer
 from pagkd_jax.training import trainer
 from subprocess_env import env_with_xla_flags
@@ -25,7 +27,7 @@ def _stage_rule() -> config_check.Rule:
 
 def test_the_config_check_allows_exactly_the_tables_stages():
   rule = _stage_rule()
-  assert methods.STAGES == tuple(methods.METHODS) == ("teacher", "baseline", "pagkd")
+  assert methods.STAGES == tuple(methods.METHODS) == ("teacher", "baseline", "pagkd", "crckd")
   assert rule.allowed == "one of " + ", ".join(repr(s) for s in methods.METHODS)
   assert all(rule.ok(stage) for stage in methods.METHODS)
   assert not any(rule.ok(s) for s in ("student", "PaGKD", "", None, 1))
@@ -33,10 +35,10 @@ def test_the_config_check_allows_exactly_the_tables_stages():
 
 def test_an_unknown_stage_is_refused_naming_the_known_ones():
   with pytest.raises(ValueError, match=r"Unknown config.stage 'student'; expected one of \('teacher', 'baseline', "
-                                       r"'pagkd'\)"):
+                                       r"'pagkd', 'crckd'\)"):
     methods.get("student")
-  assert [methods.stage_modality(s) for s in methods.STAGES] == ["nbi", "wli", "wli"]
-  assert [methods.get(s).data_modalities for s in methods.STAGES] == [("nbi",), ("wli",), ("nbi", "wli")]
+  assert [methods.stage_modality(s) for s in methods.STAGES] == ["nbi", "wli", "wli", "wli"]
+  assert [methods.get(s).data_modalities for s in methods.STAGES] == [("nbi",), ("wli",), ("nbi", "wli"), ("wli",)]
 
 
 def test_trainer_config_check_and_data_split_import_no_method(repo_root):
@@ -76,8 +78,12 @@ def _check_program(program, stage, config):
   assert jax.tree.map(lambda a: a.shape, evaluated) == jax.tree.map(lambda a: a.shape, dict(expected))
   update = program.make_update(model, tx, config, 5)
   k = config.data.group_size
-  batch = {m: jax.ShapeDtypeStruct((len(config.data.classes), k, size, size, 3), jnp.uint8)
-           for m in program.modalities}
+  options = getattr(program, "batch_options", {})
+  batch = {key: jax.ShapeDtypeStruct((len(config.data.classes), k, size, size, 3), jnp.uint8)
+           for key in class_groups.group_keys(program.modalities, **options)}
+  if options.get("row_indices"):
+    batch.update({class_groups.row_key(m): jax.ShapeDtypeStruct((len(config.data.classes), k), jnp.int32)
+                  for m in program.modalities})
   batch["label"] = jax.ShapeDtypeStruct((len(config.data.classes),), jnp.int32)
   new_state, metrics = jax.eval_shape(update, state, batch, *program.frozen)
   assert jax.tree.structure(new_state) == jax.tree.structure(state) and "loss" in metrics
@@ -116,3 +122,25 @@ def test_the_pagkd_stage_trains_its_teacher_then_resolves_to_the_student_program
   assert sorted(student.modalities) == ["nbi", "wli"] and len(student.frozen) == 1
   assert student.selection_warmup_steps(config, 5) == experiment.distillation_warmup_steps(config, 5)
   _check_program(student, "pagkd", config)
+
+
+def test_the_crckd_stage_resolves_to_its_program_with_the_banks_rows_from_the_training_records(tmp_path, caplog):
+  config = tiny_synthetic_config(tmp_path / "data", stage="crckd")
+  with pytest.raises(Recorded) as run:
+    methods.get("crckd").train(config, str(tmp_path / "run"), _record)
+  program = run.value.program
+  assert program.modalities == ("wli",) and program.frozen == ()
+  assert program.batch_options == {"views": 2, "row_indices": True}
+  with pytest.raises(ValueError, match="for_training_records first"):
+    program.init_state(experiment.build_model(config), optimizer.make_optimizer(config.optim, 10, 5),
+                       jax.random.key(0), config)
+  # Rows: the WLI training records in order (the NBI ones are no rows); class 0 has fewer than P = 20 of them.
+  records = [ImageRecord(f"/{m}{i}.png", m, label, f"l{i}") for i, (m, label) in enumerate(
+      [("wli", 1), ("nbi", 0), ("wli", 0), ("wli", 2)] + [("wli", c) for c in (1, 2) for _ in range(20)])]
+  program = program.for_training_records(records, config.data.classes, config)
+  assert program.row_labels == (1, 0, 2) + (1,) * 20 + (2,) * 20
+  assert "fewer training images than crckd.num_positives=20 in class 'hyperplasia' (1):" in caplog.text
+  assert caplog.text.count("fewer training images than crckd.num_positives") == 1
+  _check_program(program, "crckd", config)
+  model = experiment.build_model(config)
+  assert model.embed_dim == config.crckd.embed_dim == 128

@@ -103,6 +103,31 @@ def test_shift_teacher_groups_gives_class_c_the_group_of_class_c_plus_shift():
       np.testing.assert_array_equal(out[c], x[(c + shift) % C])
 
 
+def test_draw_class_shift_is_uniform_over_the_other_classes():
+  for num_classes in (3, 5):
+    keys = jax.random.split(jax.random.key(0), 2000)
+    shifts = np.asarray(jax.vmap(lambda k: pagkd.draw_class_shift(k, num_classes))(keys))
+    counts = np.bincount(shifts, minlength=num_classes)
+    assert counts[0] == 0 and counts[1:].sum() == len(shifts)  # Never the group's own class.
+    np.testing.assert_allclose(counts[1:] / len(shifts), 1 / (num_classes - 1), atol=0.05)
+
+
+def test_per_step_shift_gives_each_step_the_groups_of_its_drawn_shift():
+  """teacher_class_shift_per_step: at each step the losses equal those of the fixed shift drawn for that step
+  (from key seed + 3 folded with the step), and over steps both wrong classes occur (C = 3)."""
+  config, model, _, state, teacher, batch = _setup(teacher_class_shift_per_step=True)
+  _, terms = _loss(config, model, state, batch)
+  fixed = {shift: _loss(_setup(teacher_class_shift=shift)[0], model, state, batch)[1] for shift in range(1, C)}
+  drawn = []
+  for step in (2, 3, 4, 5, 6, 7):
+    shift = int(pagkd.draw_class_shift(jax.random.fold_in(jax.random.key(config.seed + 3), step), C))
+    drawn.append(shift)
+    got, want = terms(teacher, step), fixed[shift](teacher, step)
+    np.testing.assert_allclose(float(got["loss_pro"]), float(want["loss_pro"]), rtol=1e-5)
+    np.testing.assert_allclose(float(got["loss_den"]), float(want["loss_den"]), rtol=1e-5)
+  assert set(drawn) == set(range(1, C)), drawn  # Not one consistent wrong class.
+
+
 def test_permuted_teacher_groups_make_the_wrong_class_the_positive():
   """With teacher_class_shift=1 the losses equal the heads applied to teacher groups rolled by one class, and the
   paper InfoNCE's positive of WLI anchor c is the NBI prototype set of class c + 1 (NumPy reference)."""
@@ -256,4 +281,11 @@ def test_gradient_norm_logging_may_change_on_resume(tmp_path):
   trainer.check_resume_config(config, str(tmp_path))
   config.distill.teacher_class_shift = 1  # A control changes the experiment: refused by name.
   with pytest.raises(ValueError, match="distill.teacher_class_shift"):
+    trainer.check_resume_config(config, str(tmp_path))
+  config.distill.teacher_class_shift = 0
+  del old.distill["teacher_class_shift_per_step"]  # Saved before the value existed: its default is what ran.
+  (tmp_path / "config.json").write_text(old.to_json_best_effort())
+  trainer.check_resume_config(config, str(tmp_path))
+  config.distill.teacher_class_shift_per_step = True  # Not the default: refused by name.
+  with pytest.raises(ValueError, match="distill.teacher_class_shift_per_step: None -> True"):
     trainer.check_resume_config(config, str(tmp_path))

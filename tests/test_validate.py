@@ -125,15 +125,38 @@ def test_missing_and_unreadable_files_are_bad_files(tmp_path):
   assert len(report.bad_files) == 3 and not report.unskippable
 
 
-def test_image_smaller_than_the_training_input_on_its_shorter_side(tmp_path):
+def test_images_smaller_than_the_training_input_are_upsampled_with_a_warning_that_counts_and_names_them(tmp_path):
   rows = _dataset(tmp_path)
-  _image(tmp_path / rows[0][0], 500, shape=(SIZE - 1, 200))  # Short side 31 < 32: too small.
-  _image(tmp_path / rows[1][0], 501, shape=(200, SIZE))  # Short side exactly 32: fine.
+  _image(tmp_path / rows[0][0], 500, shape=(SIZE - 1, 200))  # Short side 31 < 32: upsampled.
+  _image(tmp_path / rows[1][0], 501, shape=(200, SIZE))  # Short side exactly 32: not.
+  _image(tmp_path / rows[2][0], 502, shape=(20, 20))
   manifest = _write_manifest(tmp_path, rows)
   report = _check(manifest)
+  assert not report.errors
+  assert _texts(report.upsampled) == [f"{manifest}:1: {tmp_path / rows[0][0]}: 200 x 31 pixels",
+                                      f"{manifest}:3: {tmp_path / rows[2][0]}: 20 x 20 pixels"]
+  assert _texts(report.warnings) == [
+      f"{manifest}: 2 of 72 image(s) are smaller than the 32 x 32 training input (config.data.image_size) on their "
+      f"shorter side and are upsampled (e.g. {manifest}:1: {tmp_path / rows[0][0]}: 200 x 31 pixels, {manifest}:3: "
+      f"{tmp_path / rows[2][0]}: 20 x 20 pixels); config.data.min_image_size sets a floor below which an image is "
+      "an error"]
+  formatted = report.format()
+  assert "UPSAMPLED (2):" in formatted and f"  {manifest}:3: {tmp_path / rows[2][0]}: 20 x 20 pixels" in formatted
+
+
+def test_images_below_an_explicit_size_floor_are_errors(tmp_path):
+  rows = _dataset(tmp_path)
+  _image(tmp_path / rows[0][0], 500, shape=(SIZE - 1, 200))
+  _image(tmp_path / rows[1][0], 501, shape=(200, 24))  # Below 32 but at the floor of 24: upsampled.
+  _image(tmp_path / rows[2][0], 502, shape=(20, 30))
+  manifest = _write_manifest(tmp_path, rows)
+  records, _, _ = validate.read_records(_data_config(manifest).data)
+  report = validate.check_records(records, None, classes=CLASSES, image_size=SIZE, group_size=4,
+                                  source=str(manifest), min_image_size=24)
   assert _texts(report.errors) == [
-      f"{manifest}:1: {tmp_path / rows[0][0]}: image is 200 x 31 pixels, smaller than the 32 x 32 training "
-      "input (config.data.image_size) on its shorter side"]
+      f"{manifest}:3: {tmp_path / rows[2][0]}: image is 30 x 20 pixels, below the size floor "
+      "config.data.min_image_size=24 on its shorter side"]
+  assert len(report.bad_files) == 1 and len(report.upsampled) == 2
 
 
 def test_class_absent_from_one_modality_is_an_error(tmp_path):
@@ -225,9 +248,20 @@ def test_cli_accepts_a_config_with_overrides_and_exits_zero_on_clean_data(tmp_pa
   # K = 64 is more than the training images of every class: warnings, printed apart.
   assert "WARNINGS (6):" in result.stdout and "ERRORS" not in result.stdout
   assert "72 images checked: 0 error(s) (0 bad files), 6 warning(s)" in result.stdout
-  # The same data at the preset's 448 px: every image is too small.
+  # Class names as a comma-separated list on the command line (here in another order: label indices follow it).
+  result = _cli(["configs/piccolo.py", f"--config.data.manifest={manifest}", f"--config.data.image_size={SIZE}",
+                 "--config.data.classes=adenocarcinoma,adenoma,hyperplasia"])
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "(classes adenocarcinoma, adenoma, hyperplasia;" in result.stdout
+  # The same data at the preset's 448 px: every image is upsampled, a warning; with a floor above them, errors.
   result = _cli(["configs/piccolo.py", f"--config.data.manifest={manifest}"])
-  assert result.returncode == 1 and "smaller than the 448 x 448 training input" in result.stdout
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "72 of 72 image(s) are smaller than the 448 x 448 training input" in result.stdout
+  assert "UPSAMPLED (72):" in result.stdout
+  result = _cli(["configs/piccolo.py", f"--config.data.manifest={manifest}", "--config.data.min_image_size=41"])
+  # 72 bad files, and the 6 (modality, class) pairs left without readable images.
+  assert result.returncode == 1 and "72 images checked: 78 error(s) (72 bad files)" in result.stdout
+  assert "below the size floor config.data.min_image_size=41" in result.stdout
 
 
 def test_synthetic_config_passes_the_check(tmp_path):

@@ -10,15 +10,18 @@ Errors (training refuses to start):
   * in the manifest, found when it is read (`manifest.parse_manifest`): missing columns, empty path or
     lesion_id, unknown modality or label, duplicate paths, lesions whose rows disagree on label or patient;
   * per image, found by reading and decoding every image once (thread pool): missing or unreadable file,
-    undecodable or truncated image, image smaller than the training input on its shorter side
-    (`min(height, width) < config.data.image_size`: every image is resized to `image_size` x `image_size`, so a
-    smaller one would be upsampled); these are the *bad files* that `config.data.skip_bad_files=True` drops;
+    undecodable or truncated image, and, only where a size floor is set (`config.data.min_image_size` > 0), an image
+    whose shorter side is below it; these are the *bad files* that `config.data.skip_bad_files=True` drops;
   * over the data set: a class without images of a modality that other classes have (or of a modality the stage
     trains on), a class without training images of such a modality, and the same image content (BLAKE2b of the
     encoded bytes) in two splits (test or validation images leaking into training).
 Warnings (training goes on): a class with fewer than `group_size` (K) training images of a modality (its groups
-are drawn with repetition), the same content twice within one split, and inconsistent pair_ids (`pairs.find_pairs`:
-two images of one modality, two lesions, labels or splits under one pair_id), which the paired stream refuses.
+are drawn with repetition), the same content twice within one split, inconsistent pair_ids (`pairs.find_pairs`:
+two images of one modality, two lesions, labels or splits under one pair_id), which the paired stream refuses, and
+images smaller than the training input on
+their shorter side (`min(height, width) < config.data.image_size`): every image is resized to `image_size` x
+`image_size`, so these are upsampled; one warning counts them and the report (`Report.upsampled`, printed by the
+command line) names each.
 """
 
 import collections
@@ -45,7 +48,8 @@ SKIPPED_COLUMNS = ("row", "path", "record_index", "modality", "label", "problem"
 class Finding:
   """One problem: `text` is `where: what` (`manifest:row: path: ...` for manifest rows).
 
-  `record` is set when the problem is the file of one record (missing, unreadable, undecodable, too small):
+  `record` is set when the problem is the file of one record (missing, unreadable, undecodable, below the size
+  floor):
   skipping that record removes the problem.
   """
 
@@ -62,6 +66,7 @@ class Report:
 
   errors: list[Finding] = dataclasses.field(default_factory=list)
   warnings: list[Finding] = dataclasses.field(default_factory=list)
+  upsampled: list[Finding] = dataclasses.field(default_factory=list)  # One per image smaller than the input.
   num_images: int = 0
   seconds: float = 0.0  # Spent reading and decoding.
 
@@ -85,6 +90,8 @@ class Report:
       lines += [f"ERRORS ({len(self.errors)}):"] + [f"  {f}" for f in self.errors]
     if self.warnings:
       lines += [f"WARNINGS ({len(self.warnings)}):"] + [f"  {f}" for f in self.warnings]
+    if self.upsampled:
+      lines += [f"UPSAMPLED ({len(self.upsampled)}):"] + [f"  {f}" for f in self.upsampled]
     lines.append(self.summary())
     return "\n".join(lines)
 
@@ -115,35 +122,38 @@ def describe(record: ImageRecord, source: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class _ImageFacts:
+class ImageFacts:
+  """What reading one image found: its content hash and size, or `problem` (why it cannot be used)."""
+
   digest: str = ""
   height: int = 0
   width: int = 0
   problem: str = ""
 
 
-def _inspect(record: ImageRecord) -> _ImageFacts:
+def _inspect(record: ImageRecord) -> ImageFacts:
   """Reads and decodes one image once: its content hash and size, or what is wrong with the file."""
   try:
     data = image_io.read_encoded(record)
   except FileNotFoundError:
-    return _ImageFacts(problem="file not found")
+    return ImageFacts(problem="file not found")
   except IsADirectoryError:
-    return _ImageFacts(problem="is a folder, not an image file")
+    return ImageFacts(problem="is a folder, not an image file")
   except OSError as e:
-    return _ImageFacts(problem=f"cannot read file ({type(e).__name__}: {e.strerror or e})")
+    return ImageFacts(problem=f"cannot read file ({type(e).__name__}: {e.strerror or e})")
   except ValueError as e:  # An ArrayRecord entry without a valid image.
-    return _ImageFacts(problem=str(e))
+    return ImageFacts(problem=str(e))
   if not data:
-    return _ImageFacts(problem="empty file")
+    return ImageFacts(problem="empty file")
   try:
     height, width = image_io.decode_image(data, "").shape[:2]
   except image_io.ImageDecodeError as e:
-    return _ImageFacts(problem=str(e).removeprefix(": "))
-  return _ImageFacts(hashlib.blake2b(data, digest_size=16).hexdigest(), height, width)
+    return ImageFacts(problem=str(e).removeprefix(": "))
+  return ImageFacts(hashlib.blake2b(data, digest_size=16).hexdigest(), height, width)
 
 
-def _inspect_all(records: Sequence[ImageRecord], num_threads: int | None) -> list[_ImageFacts]:
+def inspect_images(records: Sequence[ImageRecord], num_threads: int | None = None) -> list[ImageFacts]:
+  """Reads and decodes every record once (a thread pool; `num_threads` 0: in the calling thread), in order."""
   if num_threads == 0 or len(records) < 16:
     return [_inspect(r) for r in records]
   workers = num_threads or min(16, (os.cpu_count() or 1) + 2)
@@ -161,6 +171,7 @@ def check_records(
     required_modalities: Sequence[str] = MODALITIES,
     source: str = "",
     num_threads: int | None = None,
+    min_image_size: int = 0,
 ) -> Report:
   """Reads and decodes every record once and checks the data set (see the module docstring).
 
@@ -169,11 +180,13 @@ def check_records(
     splits: the split of each record ("train"/"val"/"test", from `splits.assign_splits`), or None when the
       data could not be split (then only the per-image and per-class checks run).
     classes: the class names (`record.label` indexes them).
-    image_size: the side of the training input; images whose shorter side is smaller are errors.
+    image_size: the side of the training input; images whose shorter side is smaller are upsampled (a warning
+      counts them, `Report.upsampled` names each).
     group_size: K, images per class per step; fewer training images of a class give a warning.
     required_modalities: modalities the run trains on; every class needs images of each of them.
     source: the manifest (or folder) name used in messages for manifest rows.
     num_threads: decoding threads (None: a few per core; 0: in the calling thread).
+    min_image_size: a floor on the shorter side: smaller images are errors (bad files); 0: none.
 
   Returns:
     The `Report`: file errors first (in record order), then data-set errors; warnings.
@@ -182,19 +195,27 @@ def check_records(
     raise ValueError(f"{len(records)} records but {len(splits)} split names")
   report = Report(num_images=len(records))
   start = time.perf_counter()
-  facts = _inspect_all(records, num_threads)
+  facts = inspect_images(records, num_threads)
   report.seconds = time.perf_counter() - start
   good = []
   for i, (record, fact) in enumerate(zip(records, facts)):
     where = describe(record, source)
     if fact.problem:
       report.errors.append(Finding(f"{where}: {fact.problem}", record))
-    elif min(fact.height, fact.width) < image_size:
+    elif min(fact.height, fact.width) < min_image_size:
       report.errors.append(Finding(
-          f"{where}: image is {fact.width} x {fact.height} pixels, smaller than the {image_size} x {image_size} "
-          f"training input (config.data.image_size) on its shorter side", record))
+          f"{where}: image is {fact.width} x {fact.height} pixels, below the size floor "
+          f"config.data.min_image_size={min_image_size} on its shorter side", record))
     else:
       good.append(i)
+      if min(fact.height, fact.width) < image_size:
+        report.upsampled.append(Finding(f"{where}: {fact.width} x {fact.height} pixels", record))
+  if report.upsampled:
+    shown = ", ".join(f.text for f in report.upsampled[:3])
+    report.warnings.append(Finding(
+        f"{source or 'data set'}: {len(report.upsampled)} of {len(records)} image(s) are smaller than the "
+        f"{image_size} x {image_size} training input (config.data.image_size) on their shorter side and are "
+        f"upsampled (e.g. {shown}); config.data.min_image_size sets a floor below which an image is an error"))
 
   # Classes per modality, over the images that can be read.
   name = lambda label: classes[label] if 0 <= label < len(classes) else str(label)
@@ -298,7 +319,8 @@ def check_data(data_config: Any, *, manifest_path: str | None = None,
       problems.append(f"{source}: cannot split the data: {e}")
   report = check_records(records, splits, classes=tuple(data_config.classes), image_size=data_config.image_size,
                          group_size=data_config.group_size, required_modalities=required_modalities,
-                         source=source, num_threads=num_threads)
+                         source=source, num_threads=num_threads,
+                         min_image_size=int(data_config.get("min_image_size", 0)))
   report.errors[:0] = [Finding(p) for p in problems]
   return records, splits, report
 
@@ -347,7 +369,7 @@ def _main(argv: Sequence[str]) -> int:
     return 2
   if fl.config is not None:
     from pagkd_jax import config_check  # pylint: disable=g-import-not-at-top
-    config = fl.config
+    config = base_config.from_command_line(fl.config)
     config_check.exit_on_problems(config_check.find_problems(config))  # Exit status 2, before any data is read.
     data, stage, manifest_path = config.data, config.stage, None
     if data.synthetic.enabled:
@@ -357,8 +379,8 @@ def _main(argv: Sequence[str]) -> int:
     config = base_config.get_config()
     data, stage, manifest_path = config.data, fl.stage, argv[1]
     if fl.classes:
-      data.classes = tuple(c.strip() for c in fl.classes.split(",") if c.strip())
-    for name in ("image_size", "group_size", "num_folds", "fold", "val_fraction", "split_seed"):
+      data.classes = base_config.split_class_names(fl.classes)
+    for name in ("image_size", "min_image_size", "group_size", "num_folds", "fold", "val_fraction", "split_seed"):
       if fl[name].value is not None:
         data[name] = fl[name].value
   from pagkd_jax import methods  # pylint: disable=g-import-not-at-top  (the command line only: the stage table)
@@ -387,6 +409,8 @@ def main() -> None:
                                   "argument when it names a .py file.")
   flags.DEFINE_string("classes", None, "Manifest mode: comma-separated class names (default: the base config's).")
   flags.DEFINE_integer("image_size", None, "Manifest mode: training input side (default: the base config's).")
+  flags.DEFINE_integer("min_image_size", None, "Manifest mode: shorter sides below this are errors (default 0: "
+                       "none; smaller images are upsampled, with a warning).")
   flags.DEFINE_integer("group_size", None, "Manifest mode: K, images per class per step.")
   flags.DEFINE_integer("num_folds", None, "Manifest mode: cross-validation folds.")
   flags.DEFINE_integer("fold", None, "Manifest mode: test fold.")

@@ -84,9 +84,15 @@ def random_region_labels(rng: jax.Array, shape: tuple[int, ...], fractions=(1 / 
   return jnp.asarray([relations.LESION, relations.BACKGROUND, relations.AMBIGUOUS], jnp.int8)[index]
 
 
-def shift_teacher_groups(x_nbi: jax.Array, shift: int) -> jax.Array:
-  """Negative control: group c receives the NBI group (c + shift) mod G. x_nbi (G, ...) -> (G, ...)."""
+def shift_teacher_groups(x_nbi: jax.Array, shift: int | jax.Array) -> jax.Array:
+  """Negative control: group c receives the NBI group (c + shift) mod G. x_nbi (G, ...) -> (G, ...); `shift` may
+  be traced (drawn per step)."""
   return jnp.roll(x_nbi, -shift, axis=0)
+
+
+def draw_class_shift(rng: jax.Array, num_classes: int) -> jax.Array:
+  """Negative control `teacher_class_shift_per_step`: a shift uniform on 1..C-1, () int32."""
+  return jax.random.randint(rng, (), 1, num_classes)
 
 
 def pair_images(x_nbi: jax.Array, rng: jax.Array) -> jax.Array:

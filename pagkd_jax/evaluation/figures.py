@@ -1,4 +1,4 @@
-"""Evaluation figures: ROC curves, confusion matrices and class-activation-map overlays.
+"""Evaluation figures: ROC curves, confusion matrices, reliability diagrams and class-activation-map overlays.
 
 Matplotlib runs on the Agg backend (files only, no display). The CAM overlays visualise the
 ground-truth/predicted-class CAMs of spec section 5.1 on the input images.
@@ -198,14 +198,47 @@ def cam_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.nd
   return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
+def plot_reliability(series: dict[str, dict[str, Any]], path: PathLike, title: str = "Reliability") -> pathlib.Path:
+  """Saves a reliability diagram: accuracy against mean confidence per confidence bin, one line per entry of
+  `series` ({legend: calibration.reliability_bins(...) plus "ece"}), the diagonal (perfect calibration) and the
+  images per bin (of the first series) as bars underneath."""
+  path = _prepare_path(path)
+  fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5.5, 6.2), dpi=120, sharex=True,
+                                     gridspec_kw={"height_ratios": (3, 1)})
+  ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="perfect calibration")
+  first = None
+  for name, bins in series.items():
+    used = np.asarray(bins["count"]) > 0
+    ax.plot(np.asarray(bins["confidence"])[used], np.asarray(bins["accuracy"])[used], marker="o", linewidth=1.6,
+            label=f"{name} (ECE = {bins['ece']:.3f})")
+    first = bins if first is None else first
+  n_bins = len(first["count"]) if first is not None else 1
+  edges = np.linspace(0, 1, n_bins + 1)
+  if first is not None:
+    ax_count.bar(edges[:-1], first["count"], width=1 / n_bins, align="edge", color="0.6", edgecolor="white")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1.01)
+  ax.set_ylabel("Accuracy")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="upper left", fontsize=9)
+  ax_count.set_xlabel("Confidence (largest probability)")
+  ax_count.set_ylabel("Images")
+  fig.tight_layout()
+  fig.savefig(path, format="png", bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
 def save_cam_overlays(
     images: Any,
     cams: Any,
     out_dir: PathLike,
     titles: Sequence[str],
     alpha: float = 0.4,
+    names: Sequence[str] | None = None,
 ) -> list[pathlib.Path]:
-  """Saves `cam_000.png`, `cam_001.png`, ...: each image beside its CAM overlay, with a title.
+  """Saves `cam_000.png`, `cam_001.png`, ... (or `names`): each image beside its CAM overlay, with a title.
 
   Args:
     images: (N, H, W, 3) uint8 RGB images.
@@ -213,6 +246,7 @@ def save_cam_overlays(
     out_dir: output folder (created if missing).
     titles: N titles, e.g. "true: adenoma / pred: adenoma (0.91)".
     alpha: heat-map opacity.
+    names: N file names (default `cam_000.png`, ...).
 
   Returns:
     The N paths written, in input order.
@@ -225,6 +259,8 @@ def save_cam_overlays(
     raise ValueError(f"cams must be (N, h, w) with N = {images.shape[0]}, got {cams.shape}.")
   if len(titles) != images.shape[0]:
     raise ValueError(f"need one title per image: {images.shape[0]} images, {len(titles)} titles.")
+  if names is not None and len(names) != images.shape[0]:
+    raise ValueError(f"need one file name per image: {images.shape[0]} images, {len(names)} names.")
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = []
@@ -237,7 +273,7 @@ def save_cam_overlays(
       ax.axis("off")
     fig.suptitle(str(title), fontsize=11)
     fig.tight_layout()
-    path = out_dir / f"cam_{i:03d}.png"
+    path = out_dir / (names[i] if names is not None else f"cam_{i:03d}.png")
     fig.savefig(path, format="png", bbox_inches="tight")
     plt.close(fig)
     paths.append(path)

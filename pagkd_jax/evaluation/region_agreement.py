@@ -28,6 +28,7 @@ from pagkd_jax.data import image_io
 from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import pagkd
 from pagkd_jax.distill import relations
+from pagkd_jax.models import resnet
 from pagkd_jax.models.cam import class_activation_map
 
 SUPERSAMPLE = 8
@@ -103,7 +104,7 @@ def make_region_label_fn(model, normalization: str, distill_config):
   def labels_fn(variables, images, classes):
     x = normalize_images(images, normalization)
     _, features = model.apply(variables, x, train=False)
-    cams = class_activation_map(features, variables["params"]["fc"]["kernel"], classes)
+    cams = class_activation_map(features, resnet.class_kernel(variables["params"]), classes)
     return pagkd.cam_region_labels(x, cams, distill_config)
 
   return jax.jit(labels_fn)

@@ -32,6 +32,12 @@ A program says what the loop trains:
             jitted like the class-group update, with the same state and frozen inputs.
       One iteration takes a step of each extra stream, then one of the class-group stream; `steps_per_epoch` and
       every step count (state.step, train.num_steps, warm-ups) count the updates of all streams (`trainer`).
+  program.batch_options (optional, default {}): options of the class-group loader that add keys to every batch
+      (`class_groups.ClassGroupLoader`: views=2 adds a second augmented view of each image, row_indices=True each
+      image's row in the training split); the update receives them beside the modalities;
+  program.for_training_records(records, classes, config) -> program (optional): called by the loop with the training
+      split's records (after the data check) before the state is built, for a program that needs them (CRCKD sizes
+      its memory banks from them).
 
 This module imports nothing of the project, so any module (the config check, the data split, the trainer) can read
 the table without importing a method; a method's module is imported when it trains.
@@ -49,6 +55,9 @@ class Method:
   module: str  # The module whose `train(config, workdir, run_stage)` trains the stage.
   modality: str  # The modality of the classifier it ships: what it is validated and tested on.
   data_modalities: tuple[str, ...]  # The modalities every class of the training data must have.
+  # The config value that sets the size of a Linear between the pooled features and the head (`resnet.ResNet`'s
+  # embed_dim), e.g. "crckd.embed_dim"; "" for the plain classifier. The evaluation builds the same model from it.
+  embedding: str = ""
 
   def train(self, config, workdir: str, run_stage: Callable) -> dict:
     return importlib.import_module(self.module).train(config, workdir, run_stage)
@@ -58,6 +67,8 @@ METHODS: dict[str, Method] = {
     "teacher": Method("pagkd_jax.methods.classifier", "nbi", ("nbi",)),  # The NBI classifier (cross-entropy).
     "baseline": Method("pagkd_jax.methods.classifier", "wli", ("wli",)),  # The WLI-only classifier.
     "pagkd": Method("pagkd_jax.methods.pagkd", "wli", ("nbi", "wli")),  # The NBI teacher, then the WLI student.
+    # CRCKD (spec CRCKD.md): a WLI classifier distilled from its own mean teacher, without NBI.
+    "crckd": Method("pagkd_jax.methods.crckd", "wli", ("wli",), embedding="crckd.embed_dim"),
 }
 
 STAGES = tuple(METHODS)  # The values of config.stage.
@@ -68,6 +79,17 @@ def get(stage: str) -> Method:
   if stage not in METHODS:
     raise ValueError(f"Unknown config.stage {stage!r}; expected one of {STAGES}.")
   return METHODS[stage]
+
+
+def embedding_dim(config) -> int:
+  """The size of the classifier's Linear before its head for `config.stage` (`Method.embedding`), 0 for none."""
+  node = config
+  path = get(config.stage).embedding
+  if not path:
+    return 0
+  for key in path.split("."):
+    node = node[key]
+  return int(node)
 
 
 def stage_modality(stage: str) -> str:

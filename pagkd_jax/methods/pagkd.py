@@ -129,7 +129,7 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
   the frozen teacher's variables. L = CE + lambda_pro L_pro + lambda_den L_den (spec 6), distillation from
   step `warmup_epochs * steps_per_epoch` on. Negative controls (config.distill): `region_labels="random"`
   draws the region labels from the step's key instead of CAM + PAR; `teacher_class_shift` pairs each WLI
-  group with the NBI group of another class. With `train.log_grad_norms` the terms also hold the norms of the
+  group with the NBI group of another class (`teacher_class_shift_per_step`: another class drawn at each step). With `train.log_grad_norms` the terms also hold the norms of the
   gradients that CE, L_pro and L_den send into the student's layer4 map ("diag/grad_*_layer4").
   """
   d = config.distill
@@ -140,6 +140,7 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
   normalization = config.data.normalization
   pairing_key = jax.random.key(config.seed + 1)
   region_key = jax.random.key(config.seed + 2)
+  shift_key = jax.random.key(config.seed + 3)
   log_grad_norms = config.train.log_grad_norms
 
   def loss_fn(params, batch_stats, step, batch, teacher):
@@ -162,9 +163,13 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
         regions_nbi = pagkd.region_labels(x_nbi, t_features, t_kernel, labels, d)
       teacher_side = [unflatten_groups(a, num_classes) for a in (t_features, regions_wli, regions_nbi)]
       g_labels = batch["label"]
-      if d.teacher_class_shift:  # Negative control: class c's WLI group meets the NBI group of class c + shift.
-        teacher_side[0] = pagkd.shift_teacher_groups(teacher_side[0], d.teacher_class_shift)
-        teacher_side[2] = pagkd.shift_teacher_groups(teacher_side[2], d.teacher_class_shift)
+      shift = d.teacher_class_shift
+      if d.teacher_class_shift_per_step:  # Negative control: a new wrong class at every step.
+        shift = pagkd.draw_class_shift(jax.random.fold_in(shift_key, step), num_classes)
+      if d.teacher_class_shift or d.teacher_class_shift_per_step:
+        # Negative control: class c's WLI group meets the NBI group of class c + shift.
+        teacher_side[0] = pagkd.shift_teacher_groups(teacher_side[0], shift)
+        teacher_side[2] = pagkd.shift_teacher_groups(teacher_side[2], shift)
       if d.level == "image":  # Each WLI image with one random same-class NBI image: C * K groups of one.
         rng = jax.random.fold_in(pairing_key, step)
         teacher_side[0] = pagkd.pair_images(teacher_side[0], rng)

@@ -23,6 +23,7 @@ from absl import logging
 from flax import traverse_util
 
 from pagkd_jax import checkpointing
+from pagkd_jax.models import resnet
 from pagkd_jax.models import torchvision_layout
 from pagkd_jax.models import weight_files
 
@@ -88,7 +89,7 @@ def normalization_of(init_from: str) -> str:
 
 
 def load_workdir(workdir: str, model_name: str) -> dict:
-  """The backbone (params and BatchNorm statistics, without `fc`) of the best checkpoint of the run in `workdir`.
+  """The backbone (params and BatchNorm statistics, without the head: `fc`, and `embed` when there is one) of the best checkpoint of the run in `workdir`.
 
   Raises:
     ValueError: the run trained another architecture than `model_name` (both named).
@@ -106,7 +107,7 @@ def load_workdir(workdir: str, model_name: str) -> dict:
   variables = checkpointing.read_best_variables(workdir, step)
   logging.info("Backbone: the best checkpoint (step %d) of the %s run in %s", step,
                read_workdir_config(workdir).get("stage"), workdir)
-  return {"params": {k: v for k, v in variables["params"].items() if k != "fc"},
+  return {"params": {k: v for k, v in variables["params"].items() if k not in resnet.HEAD_LAYERS},
           "batch_stats": variables["batch_stats"]}
 
 

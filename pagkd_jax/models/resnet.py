@@ -90,6 +90,9 @@ class ResNet(nn.Module):
     dtype: compute dtype; parameters and BatchNorm statistics stay float32.
     conv_impl: "xla", "dot_wgrad" or "dot_wgrad_1x1" (kernel gradients as matrix products, conv.py); "auto" is
       resolved by `create_resnet`.
+    embed_dim: 0 for the plain classifier (pooled features -> `fc`); > 0 inserts a Linear `embed` of that size
+      between them (CRCKD's "feature4": pooled -> embed -> fc), whose output is sown as
+      ("intermediates", "embedding") for a caller that applies the model with that collection mutable.
   """
 
   stage_sizes: Sequence[int]
@@ -99,6 +102,7 @@ class ResNet(nn.Module):
   stem: str = "imagenet"
   dtype: Any = jnp.float32
   conv_impl: str = "xla"
+  embed_dim: int = 0
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -122,6 +126,9 @@ class ResNet(nn.Module):
                        name=f"layer{stage + 1}_{b}")(x, train)
     features = x
     pooled = jnp.mean(features.astype(jnp.float32), axis=(1, 2))
+    if self.embed_dim:
+      pooled = nn.Dense(self.embed_dim, dtype=jnp.float32, name="embed")(pooled)
+      self.sow("intermediates", "embedding", pooled)  # (B, embed_dim) float32.
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="fc")(pooled)
     return logits, features
 
@@ -146,16 +153,31 @@ PRESETS = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def create_resnet(name: str, num_classes: int, dtype: str = "float32", conv_impl: str = "auto") -> ResNet:
+def create_resnet(name: str, num_classes: int, dtype: str = "float32", conv_impl: str = "auto",
+                  embed_dim: int = 0) -> ResNet:
   """Builds a preset by name ("resnet18", "resnet34", "resnet50", "resnet101", "tiny"); conv_impl "auto" is
-  "dot_wgrad_1x1" on CPU and "xla" elsewhere (conv.resolve_conv_impl)."""
+  "dot_wgrad_1x1" on CPU and "xla" elsewhere (conv.resolve_conv_impl); embed_dim > 0: a Linear of that size before
+  the head (`ResNet.embed_dim`)."""
   if name not in PRESETS:
     raise ValueError(f"Unknown model {name!r}; known presets: {sorted(PRESETS)}.")
   if dtype not in DTYPES:
     raise ValueError(f"Unknown model dtype {dtype!r}; expected one of {sorted(DTYPES)}.")
   p = PRESETS[name]
   return ResNet(stage_sizes=p.stage_sizes, block=p.block, num_classes=num_classes, base_width=p.base_width,
-                stem=p.stem, dtype=DTYPES[dtype], conv_impl=conv_lib.resolve_conv_impl(conv_impl))
+                stem=p.stem, dtype=DTYPES[dtype], conv_impl=conv_lib.resolve_conv_impl(conv_impl), embed_dim=embed_dim)
+
+
+HEAD_LAYERS = ("embed", "fc")  # The layers after the pooling: trained anew for each task, never a backbone's.
+
+
+def class_kernel(params) -> jnp.ndarray:
+  """(F, C): the weight of each layer4 channel in each class's logit, the kernel of a class activation map:
+  `fc`'s kernel, or embed @ fc when the model has the `embed` Linear (the head is then still linear in the pooled
+  features, so the CAM is exact as for a GAP + linear head)."""
+  kernel = params["fc"]["kernel"].astype(jnp.float32)
+  if "embed" in params:
+    kernel = params["embed"]["kernel"].astype(jnp.float32) @ kernel
+  return kernel
 
 
 def feature_stride(name: str) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
+from pagkd_jax import base_config
 from pagkd_jax import checkpointing
 from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
@@ -62,8 +63,13 @@ def check_resume_config(config, workdir: str) -> None:
   with open(path) as f:
     old = json.load(f)
   changes = config_changes(old, json.loads(config.to_json_best_effort()))
-  blocking = [c for c in changes if not any(c[0] == r or (r.endswith(".") and c[0].startswith(r))
-                                            for r in RESUMABLE_CHANGES)]
+  # A value added to the project after the run was saved, at its default, is what the run did (a new option's
+  # default keeps the old behaviour).
+  saved = traverse_util.flatten_dict(old, sep=".")
+  defaults = traverse_util.flatten_dict(json.loads(base_config.get_config().to_json_best_effort()), sep=".")
+  added_at_default = {k for k, _, b in changes if k not in saved and k in defaults and defaults[k] == b}
+  blocking = [c for c in changes if c[0] not in added_at_default
+              and not any(c[0] == r or (r.endswith(".") and c[0].startswith(r)) for r in RESUMABLE_CHANGES)]
   if blocking:
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in blocking)
     raise ValueError(f"{workdir} holds a run with another configuration ({listed}). Resuming it would mix two "
@@ -205,6 +211,9 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
                sum(r.modality == modality for r in train_records), modality.upper(), steps_per_epoch,
                ", ".join(f"{n}: {k}" for n, k in stream_steps.items()), num_steps, mesh.devices.size)
 
+  if hasattr(program, "for_training_records"):  # A program that needs the training split (see methods).
+    program = program.for_training_records(train_records, classes, config)
+  batch_options = dict(getattr(program, "batch_options", {}))
   model = experiment.build_model(config)
   tx = optimizer_lib.make_optimizer(config.optim, num_steps, steps_per_epoch,
                                     gated_params=getattr(program, "gated_params", ()))
@@ -215,7 +224,7 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
       train_records, classes=classes, modalities=program.modalities, group_size=group_size, image_size=size,
       aug_config=config.data.augment, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), num_workers=config.data.num_workers,
-      worker_buffer_size=config.data.worker_buffer_size)
+      worker_buffer_size=config.data.worker_buffer_size, **batch_options)
 
   meta = {"best_val_auc": None, "best_step": None}
   if resuming:
@@ -229,7 +238,8 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
                        f"schedule of {workdir} expects {expected}. The checkpoint was written with other data.")
 
   group_sharding = mesh_lib.group_batch_sharding(mesh)
-  batch_shardings = {m: group_sharding for m in program.modalities}
+  group_keys = class_groups.group_keys(program.modalities, **batch_options)  # (C, K, ...) arrays, sharded over K.
+  batch_shardings = {key: group_sharding for key in group_keys}
   batch_shardings["label"] = replicated
   frozen = jax.device_put(program.frozen, replicated)
   skip = config.train.on_nonfinite == "skip"
@@ -240,10 +250,9 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
     return jax.jit(update_fn, in_shardings=(replicated, shardings) + (replicated,) * len(frozen),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
-  group_shape = (num_classes, group_size, size, size, 3)
-
   def to_global(local):
-    batch = {m: mesh_lib.global_array(local[m], group_sharding, group_shape) for m in program.modalities}
+    batch = {key: mesh_lib.global_array(local[key], group_sharding, (num_classes, group_size) + local[key].shape[2:])
+             for key in group_keys}
     batch["label"] = mesh_lib.global_array(local["label"], replicated, (num_classes,))
     return batch
 
