@@ -4,6 +4,8 @@ interrupted mid-iteration that resumes both iterators exactly. Real synthetic da
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.methods import classifier
 from pagkd_jax.methods import streams
 from pagkd_jax.training import trainer
+from subprocess_env import env_with_xla_flags
 from training_configs import tiny_synthetic_config
 
 
@@ -186,13 +189,57 @@ def test_paired_true_without_pairs_fails_before_the_teacher_naming_the_count(tmp
   assert not os.path.exists(tmp_path / "run" / "teacher")
 
 
-def test_pagkd_all_from_the_command_line_then_evaluation(tmp_path, repo_root):
-  import subprocess
-  import sys
+def _pagkd_all_config(data_dir, teacher_dir, num_steps):
+  """Stage pagkd with the paired stream on the test's data, the teacher of `teacher_dir`, a constant learning rate
+  (the same updates whatever train.num_steps) and a warm-up that ends during the first nine steps."""
+  config = _config(data_dir, num_steps)
+  config.stage = "pagkd"
+  config.teacher.workdir = str(teacher_dir)
+  config.distill.paired = True
+  config.distill.warmup_epochs = 0.5
+  return config
 
+
+@pytest.mark.slow
+def test_pagkd_all_stopped_after_a_paired_step_resumes_equal_to_an_uninterrupted_run(tmp_path):
+  data_dir = tmp_path / "data"
+  teacher_dir = tmp_path / "teacher"
+  teacher = _config(data_dir, 2)
+  teacher.stage = "teacher"
+  trainer.run_stage(teacher, str(teacher_dir), classifier.ClassifierProgram("nbi"))
+
+  reference = str(tmp_path / "uninterrupted")
+  trainer.train_and_evaluate(_pagkd_all_config(data_dir, teacher_dir, 9), reference)
+  rows = _rows(reference)
+  paired = {r["step"]: r for r in rows if "train/paired/loss" in r}
+  groups = {r["step"]: r for r in rows if "train/loss" in r}
+  assert sorted([*paired, *groups]) == list(range(1, 10)) and 3 in paired
+  # The warm-up ends within the run, on both streams: CE alone, then the distillation losses too.
+  assert {r["train/paired/distill_on"] for r in paired.values()} == {0.0, 1.0}
+  assert all((r["train/paired/loss_dense"] > 0) == (r["train/paired/distill_on"] == 1) for r in paired.values())
+  assert {r["train/distill_on"] for r in groups.values()} == {0.0, 1.0}
+
+  workdir = str(tmp_path / "resumed")
+  trainer.train_and_evaluate(_pagkd_all_config(data_dir, teacher_dir, 3), workdir)  # Stops after a paired step...
+  assert checkpointing.read_latest_state(workdir)[0] == 3
+  trainer.train_and_evaluate(_pagkd_all_config(data_dir, teacher_dir, 9), workdir)  # ...and resumes after it.
+
+  (step, state), (ref_step, ref_state) = checkpointing.read_latest_state(workdir), \
+      checkpointing.read_latest_state(reference)
+  assert step == ref_step == 9
+  for part in ("params", "batch_stats", "opt_state"):  # The distillation heads and their Adam state included.
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, err_msg=part), state[part], ref_state[part])
+  keys = ("train/loss", "train/loss_pro", "train/loss_den", "train/paired/loss", "train/paired/loss_dense")
+  losses = lambda rows: {(r["step"], k): r[k] for r in rows for k in keys if k in r}
+  assert losses(_rows(workdir)) == losses(rows)
+
+
+@pytest.mark.slow
+def test_pagkd_all_from_the_command_line_then_evaluation(tmp_path, repo_root):
+  # 10 lesions a class: with 5 folds, each of the three strata (WLI only, NBI only, paired) has 5 lesions.
   def run(args):
     done = subprocess.run([sys.executable, *args], cwd=repo_root, capture_output=True, text=True, timeout=1800,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                          env=env_with_xla_flags())
     assert done.returncode == 0, done.stderr[-5000:]
     return done
 
@@ -200,7 +247,7 @@ def test_pagkd_all_from_the_command_line_then_evaluation(tmp_path, repo_root):
   run(["train.py", "--config=configs/synthetic.py:smoke", f"--workdir={workdir}",
        f"--config.data.synthetic.out={tmp_path / 'data'}", "--config.data.synthetic.paired_fraction=0.5",
        "--config.distill.paired=True", "--config.data.paired_batch_size=4",
-       "--config.data.synthetic.lesions_per_class=8", "--config.data.synthetic.image_size=32",
+       "--config.data.synthetic.lesions_per_class=10", "--config.data.synthetic.image_size=32",
        "--config.data.synthetic.images_per_lesion=2", "--config.data.image_size=32", "--config.data.group_size=4",
        "--config.data.eval_batch_size=16", "--config.train.num_steps=6", "--config.train.log_every_steps=1",
        "--config.train.eval_every_steps=6", "--config.train.checkpoint_every_steps=6",
