@@ -110,6 +110,38 @@ def test_a_run_stopped_between_the_paired_and_the_unpaired_step_resumes_both_str
   assert losses(_rows(workdir)) == losses(rows)
 
 
+@dataclasses.dataclass(frozen=True)
+class PairsOnly(WliWithPairs):
+  """The paired stream alone (a method trained on pairs only): no modalities, no class-group stream."""
+
+  @property
+  def modalities(self):
+    return ()
+
+
+def test_a_program_without_the_class_group_stream_trains_its_paired_stream_alone_and_resumes_exactly(tmp_path):
+  data_dir = tmp_path / "data"
+  reference = str(tmp_path / "uninterrupted")
+  trainer.run_stage(_config(data_dir, 5), reference, PairsOnly())
+  rows = _rows(reference)
+  assert [r["step"] for r in rows if "train/paired/loss" in r] == [1, 2, 3, 4, 5]
+  assert not any("train/loss" in r for r in rows)
+
+  workdir = str(tmp_path / "resumed")
+  trainer.run_stage(_config(data_dir, 2), workdir, PairsOnly())
+  saved = os.path.join(workdir, "checkpoints", "latest", "2")
+  assert os.path.isdir(os.path.join(saved, "data_iter_paired"))
+  assert not os.path.exists(os.path.join(saved, "data_iter"))  # No class-group position.
+  trainer.run_stage(_config(data_dir, 5), workdir, PairsOnly())
+  (step, state), (ref_step, ref_state) = checkpointing.read_latest_state(workdir), \
+      checkpointing.read_latest_state(reference)
+  assert step == ref_step == 5
+  for part in ("params", "batch_stats", "opt_state"):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, err_msg=part), state[part], ref_state[part])
+  losses = lambda rows: {r["step"]: r["train/paired/loss"] for r in rows if "train/paired/loss" in r}
+  assert losses(_rows(workdir)) == losses(rows)
+
+
 def test_a_checkpoint_without_the_paired_stream_is_not_resumed_with_it(tmp_path):
   data_dir = tmp_path / "data"
   workdir = str(tmp_path / "run")

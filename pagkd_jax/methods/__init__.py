@@ -10,7 +10,8 @@ run's result. The trainer looks the stage up here (`get(config.stage).train(...)
 
 A program says what the loop trains:
 
-  program.modalities: the modalities its class-group batches hold, e.g. ("wli", "nbi");
+  program.modalities: the modalities its class-group batches hold, e.g. ("wli", "nbi"); () for a program without
+      the class-group stream, which trains its extra streams alone (a method trained on pairs only);
   program.init_state(model, tx, rng, config, backbone) -> TrainState: the state before the first update
       (`backbone`: pretrained variables, all but the head, or None);
   program.make_update(model, tx, config, steps_per_epoch) -> a pure update(state, batch, *frozen) -> (state, metrics)
@@ -28,6 +29,7 @@ A program says what the loop trains:
         name: names its metrics (train/<name>/...) and its checkpoint item (data_iter_<name>);
         make_iterator(config, data, process_index, process_count) -> (checkpointable iterator, steps per epoch);
         batch_layout(config) -> {key: (global shape, split over the devices along the first axis)};
+        images_per_step(config) -> int: images a step decodes (for the progress line's images/s);
         make_update(model, tx, config, steps_per_epoch) -> update(state, batch, *frozen) -> (state, metrics),
             jitted like the class-group update, with the same state and frozen inputs.
       One iteration takes a step of each extra stream, then one of the class-group stream; `steps_per_epoch` and

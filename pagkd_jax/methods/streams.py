@@ -53,5 +53,9 @@ class PairedStream:
     b, size = config.data.paired_batch_size, config.data.image_size
     return {"wli": ((b, size, size, 3), True), "nbi": ((b, size, size, 3), True), "label": ((b,), True)}
 
+  def images_per_step(self, config) -> int:
+    """Images a step decodes (both images of each pair), for the images/s of the progress line."""
+    return 2 * config.data.paired_batch_size
+
   def make_update(self, model, tx, config, steps_per_epoch: int) -> Callable:
     return self.update_factory(model, tx, config, steps_per_epoch)

@@ -193,17 +193,23 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
   names = [stream.name for stream in extra_streams]
   if MAIN_STREAM in names or len(set(names)) != len(names):
     raise ValueError(f"stream names {names} must be distinct and not {MAIN_STREAM!r}")
+  groups_stream = bool(program.modalities)  # A program without modalities trains its extra streams alone.
+  if not groups_stream and not extra_streams:
+    raise ValueError(f"The program of stage {config.stage!r} has neither modalities nor extra streams: nothing to "
+                     f"train.")
 
   mesh = mesh_lib.make_mesh()
-  mesh_lib.check_divisible("data.group_size", group_size, mesh)
-  if group_size % jax.process_count():
-    raise ValueError(f"data.group_size={group_size} must be a multiple of the number of processes "
-                     f"({jax.process_count()}).")
+  if groups_stream:
+    mesh_lib.check_divisible("data.group_size", group_size, mesh)
+    if group_size % jax.process_count():
+      raise ValueError(f"data.group_size={group_size} must be a multiple of the number of processes "
+                       f"({jax.process_count()}).")
   stream_steps, extra_iters = {}, {}
   for stream in extra_streams:  # Opened first: a stream without data fails before the main stream starts.
     extra_iters[stream.name], stream_steps[stream.name] = stream.make_iterator(
         config, data, jax.process_index(), jax.process_count())
-  stream_steps[MAIN_STREAM] = class_groups.steps_per_epoch(train_records, classes, modality, group_size)
+  if groups_stream:
+    stream_steps[MAIN_STREAM] = class_groups.steps_per_epoch(train_records, classes, modality, group_size)
   schedule = epoch_schedule(stream_steps)
   steps_per_epoch = len(schedule)
   num_steps = total_steps(config, steps_per_epoch)
@@ -220,18 +226,21 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
   replicated = mesh_lib.replicated(mesh)
   state = initial_state(config, program, model, tx, mesh, load_backbone=not resuming)
 
-  train_iter = class_groups.make_train_iterator(
-      train_records, classes=classes, modalities=program.modalities, group_size=group_size, image_size=size,
-      aug_config=config.data.augment, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=config.data.num_workers,
-      worker_buffer_size=config.data.worker_buffer_size, **batch_options)
+  train_iter = None  # The class-group stream's iterator, when the program has one.
+  if groups_stream:
+    train_iter = class_groups.make_train_iterator(
+        train_records, classes=classes, modalities=program.modalities, group_size=group_size, image_size=size,
+        aug_config=config.data.augment, seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=config.data.num_workers,
+        worker_buffer_size=config.data.worker_buffer_size, **batch_options)
 
   meta = {"best_val_auc": None, "best_step": None}
   if resuming:
     state, meta = ckpts.restore_latest(checkpointing.abstract_like(state, replicated), train_iter, extra_iters)
     logging.info("Resumed from step %d in %s", int(state.step), workdir)
   start_step = int(state.step)
-  for name, it in {MAIN_STREAM: train_iter, **extra_iters}.items():
+  iterators = {**({MAIN_STREAM: train_iter} if groups_stream else {}), **extra_iters}
+  for name, it in iterators.items():
     position, expected = it.get_state().get("step"), steps_taken(schedule, name, start_step)
     if position is not None and position != expected:
       raise ValueError(f"The {name} stream's iterator is at step {position} after {start_step} updates; the "
@@ -256,8 +265,10 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
     batch["label"] = mesh_lib.global_array(local["label"], replicated, (num_classes,))
     return batch
 
-  streams = {MAIN_STREAM: (train_iter, jitted(program.make_update(model, tx, config, steps_per_epoch),
-                                              batch_shardings), to_global)}
+  streams = {}  # name: (iterator, jitted update, local batch -> global arrays)
+  if groups_stream:
+    streams[MAIN_STREAM] = (train_iter, jitted(program.make_update(model, tx, config, steps_per_epoch),
+                                               batch_shardings), to_global)
   for stream in extra_streams:
     layout = stream.batch_layout(config)  # {key: (global shape, sharded over the devices along its first axis)}
     shardings = {}
@@ -279,7 +290,9 @@ def _train_loop(config, workdir, program, resuming, watch, opened):
 
   log = metric_log.MetricLog(workdir, resume_step=start_step)
   opened.append(log)
-  progress = metric_log.Progress(num_steps, num_classes * group_size * len(program.modalities), start_step)
+  images_per_step = {MAIN_STREAM: num_classes * group_size * len(program.modalities),
+                     **{stream.name: stream.images_per_step(config) for stream in extra_streams}}
+  progress = metric_log.Progress(num_steps, sum(images_per_step[n] for n in schedule) / len(schedule), start_step)
   pending = []  # (step, stream, device metrics) not yet checked.
   fetched = {name: [] for name in streams}  # Checked host metrics not yet logged, per stream.
   val = {}
