@@ -157,8 +157,9 @@ def _group_size_fits(k, devices, processes) -> bool:
   return not in_range(k, integer=True, minimum=1) or (k % devices == 0 and k % processes == 0)
 
 
-def _paired_batch_fits(b, devices, processes, paired) -> bool:
-  return paired is not True or _group_size_fits(b, devices, processes)
+def _paired_batch_fits(b, devices, processes, paired, stage) -> bool:
+  pairs = stage in methods.METHODS and methods.get(stage).pairs  # A method trained on pairs (spec 9).
+  return not (paired is True or pairs) or _group_size_fits(b, devices, processes)
 
 
 def _heads_divide_embed_dim(heads, embed_dim, variant, use_pro, prototypes) -> bool:
@@ -233,8 +234,9 @@ RULES: list[Rule] = [
          "a multiple of the number of devices and of the number of processes (each gets an equal share)"),
     number("data.paired_batch_size", integer=True, minimum=1),
     Rule(("data.paired_batch_size", "devices", "processes"), _paired_batch_fits,
-         "a multiple of the number of devices and of the number of processes when distill.paired=True (each gets "
-         "an equal share of the pairs)", uses=("distill.paired",)),
+         "a multiple of the number of devices and of the number of processes when the paired stream runs "
+         "(distill.paired=True or a stage trained on pairs; each gets an equal share of the pairs)",
+         uses=("distill.paired", "stage")),
     number("data.eval_batch_size", integer=True, minimum=1),
     number("data.num_workers", integer=True, minimum=0),
     number("data.worker_buffer_size", integer=True, minimum=1),

@@ -21,7 +21,7 @@ SOURCES = "exactly one data source: data.synthetic.enabled=True (generated image
 # (overrides of configs/synthetic.py:smoke, the problems they must produce[, find_problems arguments]). TMP stands
 # for an existing folder holding the file "file.csv"; a line ending in "..." is matched up to there.
 BROKEN = [
-    ({"stage": "student"}, ["stage='student': expected one of 'teacher', 'baseline', 'pagkd', 'crckd'"]),
+    ({"stage": "student"}, ["stage='student': expected one of 'teacher', 'baseline', 'pagkd', 'crckd', 'kd'"]),
     ({"seed": -1}, ["seed=-1: expected an integer >= 0"]),
     ({"data.manifest": "TMP/file.csv"}, [
         "data.synthetic.enabled=True, data.manifest='TMP/file.csv', data.root='', data.tfds_dir='': "
@@ -53,7 +53,12 @@ BROKEN = [
     ({"data.group_size": 0}, ["data.group_size=0: expected an integer >= 1"]),
     ({"data.paired_batch_size": 6, "distill.paired": True}, [
         "data.paired_batch_size=6, devices=4, processes=1: expected a multiple of the number of devices and of the "
-        "number of processes when distill.paired=True (each gets an equal share of the pairs)"], {"devices": 4}),
+        "number of processes when the paired stream runs (distill.paired=True or a stage trained on pairs; each gets "
+        "an equal share of the pairs)"], {"devices": 4}),
+    ({"data.paired_batch_size": 6, "stage": "kd"}, [
+        "data.paired_batch_size=6, devices=4, processes=1: expected a multiple of the number of devices and of the "
+        "number of processes when the paired stream runs (distill.paired=True or a stage trained on pairs; each gets "
+        "an equal share of the pairs)"], {"devices": 4}),
     ({"distill.paired": 1}, ["distill.paired=1: expected True or False"]),
     ({"data.group_size": 6}, ["data.group_size=6, devices=4, processes=1: expected a multiple of the number of devices "
                               "and of the number of processes (each gets an equal share)"], {"devices": 4}),

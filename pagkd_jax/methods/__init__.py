@@ -60,6 +60,8 @@ class Method:
   # The config value that sets the size of a Linear between the pooled features and the head (`resnet.ResNet`'s
   # embed_dim), e.g. "crckd.embed_dim"; "" for the plain classifier. The evaluation builds the same model from it.
   embedding: str = ""
+  # Trains on the pairs of the training split whatever distill.paired says (a paired comparison method, spec 9).
+  pairs: bool = False
 
   def train(self, config, workdir: str, run_stage: Callable) -> dict:
     return importlib.import_module(self.module).train(config, workdir, run_stage)
@@ -71,6 +73,8 @@ METHODS: dict[str, Method] = {
     "pagkd": Method("pagkd_jax.methods.pagkd", "wli", ("nbi", "wli")),  # The NBI teacher, then the WLI student.
     # CRCKD (spec CRCKD.md): a WLI classifier distilled from its own mean teacher, without NBI.
     "crckd": Method("pagkd_jax.methods.crckd", "wli", ("wli",), embedding="crckd.embed_dim"),
+    # Hinton KD on pairs (spec 9): the NBI teacher, then a WLI classifier on the pairs alone, CE + T^2 KL (T = 4).
+    "kd": Method("pagkd_jax.methods.hinton_kd", "wli", ("nbi", "wli"), pairs=True),
 }
 
 STAGES = tuple(METHODS)  # The values of config.stage.
@@ -92,6 +96,12 @@ def embedding_dim(config) -> int:
   for key in path.split("."):
     node = node[key]
   return int(node)
+
+
+def trains_on_pairs(config) -> bool:
+  """Whether a run of `config` has the paired stream: a paired method's stage, or stage "pagkd" with
+  distill.paired."""
+  return get(config.stage).pairs or (config.stage == "pagkd" and config.distill.paired is True)
 
 
 def stage_modality(stage: str) -> str:

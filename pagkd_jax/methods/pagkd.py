@@ -339,11 +339,13 @@ def load_teacher(teacher_dir: str, config, model) -> Any:
   return variables
 
 
-def train(config, workdir: str, run_stage: Callable) -> dict:
-  """Stage 2, with stage 1 first when needed: trains the NBI teacher in WORKDIR/teacher unless
-  `config.teacher.workdir` names one (both resume), then the student in WORKDIR."""
+def nbi_teacher(config, workdir: str, run_stage: Callable, needs_pairs: bool = False):
+  """The frozen NBI teacher of a method that distils from it (stage "pagkd", the paired comparison methods): trained
+  as stage "teacher" in WORKDIR/teacher unless `config.teacher.workdir` names one (both resume), then its best
+  variables. With `needs_pairs`, fewer training pairs than data.paired_batch_size raise ValueError naming the count
+  before the teacher is trained (nothing is decoded for that check)."""
   workdir = os.path.abspath(workdir)
-  if config.distill.paired:  # No pairs: fail before the teacher is trained (nothing is decoded here).
+  if needs_pairs:
     from pagkd_jax.data import pairs as pairs_lib
     pairs_lib.require_pairs(streams.training_pairs(experiment.load_split_data(config)),
                             config.data.paired_batch_size)
@@ -353,8 +355,13 @@ def train(config, workdir: str, run_stage: Callable) -> dict:
     run_stage(teacher_config(config), teacher_dir, classifier.ClassifierProgram("nbi"))
   elif not os.path.isdir(teacher_dir):
     raise FileNotFoundError(f"config.teacher.workdir={teacher_dir} does not exist.")
-  model = experiment.build_model(config)
-  teacher = load_teacher(teacher_dir, config, model)
+  return load_teacher(teacher_dir, config, experiment.build_model(config))
+
+
+def train(config, workdir: str, run_stage: Callable) -> dict:
+  """Stage 2, with stage 1 first when needed: trains the NBI teacher in WORKDIR/teacher unless
+  `config.teacher.workdir` names one (both resume), then the student in WORKDIR."""
+  teacher = nbi_teacher(config, workdir, run_stage, needs_pairs=bool(config.distill.paired))
   logging.info("Stage 2: WLI student with %s-variant %s-level distillation in %s", config.distill.variant,
                config.distill.level, workdir)
   return run_stage(config, workdir, PaGKDProgram(frozen=(teacher,), paired=bool(config.distill.paired)))
