@@ -180,6 +180,11 @@ def get_config() -> ml_collections.ConfigDict:
   # crckd.num_negatives (K = 4096). crckd.ccd_weight_late = 0.01 reproduces the public release, which multiplies the
   # CCD weight by 0.1 twice from crckd.mean_teacher_start_epoch on (the spec keeps 0.1).
   config.crckd = crckd_config()
+
+  # ---- FitNets on pairs (stage "fitnets"; spec 9) ---------------------------------------------------
+  config.fitnets = ml_collections.ConfigDict()
+  # Weight of the hint (MSE of the regressed student layer4 map to the teacher's) added to CE; the spec gives none.
+  config.fitnets.weight = 1.0
   return config
 
 

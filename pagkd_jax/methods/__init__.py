@@ -75,6 +75,8 @@ METHODS: dict[str, Method] = {
     "crckd": Method("pagkd_jax.methods.crckd", "wli", ("wli",), embedding="crckd.embed_dim"),
     # Hinton KD on pairs (spec 9): the NBI teacher, then a WLI classifier on the pairs alone, CE + T^2 KL (T = 4).
     "kd": Method("pagkd_jax.methods.hinton_kd", "wli", ("nbi", "wli"), pairs=True),
+    # FitNets on pairs (spec 9): the NBI teacher, then a WLI classifier on the pairs alone, CE + the layer4 hint.
+    "fitnets": Method("pagkd_jax.methods.fitnets", "wli", ("nbi", "wli"), pairs=True),
 }
 
 STAGES = tuple(METHODS)  # The values of config.stage.
@@ -96,12 +98,6 @@ def embedding_dim(config) -> int:
   for key in path.split("."):
     node = node[key]
   return int(node)
-
-
-def trains_on_pairs(config) -> bool:
-  """Whether a run of `config` has the paired stream: a paired method's stage, or stage "pagkd" with
-  distill.paired."""
-  return get(config.stage).pairs or (config.stage == "pagkd" and config.distill.paired is True)
 
 
 def stage_modality(stage: str) -> str:
