@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -295,3 +296,67 @@ def test_pagkd_all_from_the_command_line_then_evaluation(tmp_path, repo_root):
   run(["eval.py", f"--workdir={workdir}"])
   report = json.load(open(workdir / "eval" / "metrics.json"))
   assert report["stage"] == "pagkd" and 0.0 <= report["auc"] <= 1.0
+
+
+PAIRED_ON_EIGHT_DEVICES = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    assert jax.device_count() == 8, jax.devices()
+    from pagkd_jax import base_config, mesh as mesh_lib
+    from pagkd_jax.methods import pagkd as pagkd_method
+    from pagkd_jax.models import resnet
+    from pagkd_jax.training import optimizer
+
+    C, B, S = 3, 8, 32
+    config = base_config.get_config()
+    config.stage, config.model.name, config.data.image_size = "pagkd", "tiny", S
+    config.distill.warmup_epochs = 0.0  # The dense loss from the first step.
+    config.distill.embed_dim, config.distill.num_queries, config.distill.qformer_heads = 16, 4, 4
+    model = resnet.create_resnet("tiny", C)
+    tx = optimizer.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5, gated_params=("heads",))
+    teacher = model.init(jax.random.key(7), jnp.zeros((1, S, S, 3)))
+    rng = np.random.default_rng(0)
+    batch = {"wli": rng.integers(0, 256, (B, S, S, 3), dtype=np.uint8),
+             "nbi": rng.integers(0, 256, (B, S, S, 3), dtype=np.uint8),
+             "label": rng.integers(0, C, (B,)).astype(np.int32)}
+
+    def run(devices):
+      mesh = mesh_lib.make_mesh(devices)
+      rep, split = mesh_lib.replicated(mesh), mesh_lib.eval_batch_sharding(mesh)
+      state = jax.jit(lambda r: pagkd_method.PaGKDProgram(frozen=()).init_state(model, tx, r, config),
+                      out_shardings=rep)(jax.random.key(0))
+      update = jax.jit(pagkd_method.make_paired_update_factory(model, tx, config, steps_per_epoch=5),
+                       in_shardings=(rep, {k: split for k in batch}, rep), out_shardings=(rep, rep),
+                       donate_argnums=0)
+      global_batch = {k: mesh_lib.global_array(v, split, v.shape) for k, v in batch.items()}
+      state, metrics = update(state, global_batch, jax.device_put(teacher, rep))
+      shards = {s.data.shape for s in global_batch["wli"].addressable_shards}
+      return jax.device_get(state), jax.device_get(metrics), shards
+
+    s1, m1, shards1 = run(jax.devices()[:1])
+    s8, m8, shards8 = run(jax.devices())
+    assert shards1 == {(B, S, S, 3)} and shards8 == {(1, S, S, 3)}, (shards1, shards8)
+    assert m1["loss_dense"] > 0 and m1["distill_on"] == 1
+    # Sums in other orders: a few float32 eps of each term's scale (the region labels' thresholds could flip a
+    # position only for values within that of a threshold).
+    for k in ("loss", "loss_cls", "loss_dense", "grad_norm"):
+      np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, err_msg=k)
+    for a, b in zip(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s8.batch_stats)):
+      np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.max(np.abs(a)))  # Global BatchNorm statistics.
+    # After one Adam step an element moves by about the learning rate whatever its gradient, so the two runs' steps
+    # agree to a small fraction of it (elements with gradients near zero may differ by up to a step).
+    lr = config.optim.learning_rate
+    diffs = [np.abs(np.asarray(a) - np.asarray(b)) for a, b in zip(jax.tree.leaves(s1.params),
+                                                                    jax.tree.leaves(s8.params))]
+    assert max(float(d.max()) for d in diffs) <= 2.01 * lr
+    assert sum(int((d > 0.1 * lr).sum()) for d in diffs) < 0.1 * sum(d.size for d in diffs)
+    print("OK")
+""")
+
+
+@pytest.mark.numerics
+def test_pagkd_paired_update_on_one_and_eight_devices_agrees(repo_root):
+  env = env_with_xla_flags("--xla_force_host_platform_device_count=8", PYTHONPATH=str(repo_root))
+  result = subprocess.run([sys.executable, "-c", PAIRED_ON_EIGHT_DEVICES], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=repo_root)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "OK" in result.stdout
