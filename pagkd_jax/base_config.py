@@ -185,6 +185,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.fitnets = ml_collections.ConfigDict()
   # Weight of the hint (MSE of the regressed student layer4 map to the teacher's) added to CE; the spec gives none.
   config.fitnets.weight = 1.0
+
+  # ---- ADD on pairs (stage "add"; spec 9) -------------------------------------------------------------
+  config.add = ml_collections.ConfigDict()
+  config.add.warmup_epochs = 15.0  # Cross-entropy only before this (the spec's 15 epochs).
+  # Weights of the dense loss (both directions, ambiguous relation 0) and of the logit alignment added to CE; the
+  # spec gives none.
+  config.add.dense_weight = 1.0
+  config.add.logit_weight = 1.0
   return config
 
 

@@ -353,6 +353,9 @@ RULES: list[Rule] = [
          and all(in_range(x, minimum=0) for x in f) and sum(f) > 0,
          "three numbers >= 0 with a positive sum (lesion, background, ambiguous)"),
     number("fitnets.weight", minimum=0),
+    number("add.warmup_epochs", minimum=0),
+    number("add.dense_weight", minimum=0),
+    number("add.logit_weight", minimum=0),
     # CRCKD (one rule per field of crckd.DEFAULTS; test_config_check checks that none is missing)
     number("crckd.embed_dim", integer=True, minimum=1),
     number("crckd.contrast_dim", integer=True, minimum=1),

@@ -21,7 +21,7 @@ SOURCES = "exactly one data source: data.synthetic.enabled=True (generated image
 # (overrides of configs/synthetic.py:smoke, the problems they must produce[, find_problems arguments]). TMP stands
 # for an existing folder holding the file "file.csv"; a line ending in "..." is matched up to there.
 BROKEN = [
-    ({"stage": "student"}, ["stage='student': expected one of 'teacher', 'baseline', 'pagkd', 'crckd', 'kd', 'fitnets'"]),
+    ({"stage": "student"}, ["stage='student': expected one of 'teacher', 'baseline', 'pagkd', 'crckd', 'kd', 'fitnets', 'add'"]),
     ({"seed": -1}, ["seed=-1: expected an integer >= 0"]),
     ({"data.manifest": "TMP/file.csv"}, [
         "data.synthetic.enabled=True, data.manifest='TMP/file.csv', data.root='', data.tfds_dir='': "
@@ -231,6 +231,9 @@ BROKEN = [
         "crckd.bank_init_scale=0.0: expected None (1 / sqrt(crckd.contrast_dim / 3)) or a number > 0"]),
     ({"crckd.normalize_eps": 0.0}, ["crckd.normalize_eps=0.0: expected a number > 0"]),
     ({"fitnets.weight": -1.0}, ["fitnets.weight=-1.0: expected a number >= 0"]),
+    ({"add.warmup_epochs": -1.0}, ["add.warmup_epochs=-1.0: expected a number >= 0"]),
+    ({"add.dense_weight": "1"}, ["add.dense_weight='1': expected a number >= 0"]),
+    ({"add.logit_weight": -0.5}, ["add.logit_weight=-0.5: expected a number >= 0"]),
 ]
 
 # Edge values that are allowed.

@@ -77,6 +77,8 @@ METHODS: dict[str, Method] = {
     "kd": Method("pagkd_jax.methods.hinton_kd", "wli", ("nbi", "wli"), pairs=True),
     # FitNets on pairs (spec 9): the NBI teacher, then a WLI classifier on the pairs alone, CE + the layer4 hint.
     "fitnets": Method("pagkd_jax.methods.fitnets", "wli", ("nbi", "wli"), pairs=True),
+    # ADD (spec 9): the NBI teacher, then a WLI classifier on the pairs alone, CE then + dense loss + logit alignment.
+    "add": Method("pagkd_jax.methods.add", "wli", ("nbi", "wli"), pairs=True),
 }
 
 STAGES = tuple(METHODS)  # The values of config.stage.
