@@ -181,6 +181,12 @@ def get_config() -> ml_collections.ConfigDict:
   # CCD weight by 0.1 twice from crckd.mean_teacher_start_epoch on (the spec keeps 0.1).
   config.crckd = crckd_config()
 
+  # ---- the paired comparison methods (stages "kd", "fitnets", "add"; spec 9) -----------------------
+  config.paired_method = ml_collections.ConfigDict()
+  # False: trained on the pairs of the training split alone. True: "+ unpaired" (the paper's fair setting): the
+  # class-group batches of every training image, each WLI image with a random NBI image of its class; no pairs needed.
+  config.paired_method.unpaired = False
+
   # ---- FitNets on pairs (stage "fitnets"; spec 9) ---------------------------------------------------
   config.fitnets = ml_collections.ConfigDict()
   # Weight of the hint (MSE of the regressed student layer4 map to the teacher's) added to CE; the spec gives none.

@@ -157,8 +157,8 @@ def _group_size_fits(k, devices, processes) -> bool:
   return not in_range(k, integer=True, minimum=1) or (k % devices == 0 and k % processes == 0)
 
 
-def _paired_batch_fits(b, devices, processes, paired, stage) -> bool:
-  pairs = stage in methods.METHODS and methods.get(stage).pairs  # A method trained on pairs (spec 9).
+def _paired_batch_fits(b, devices, processes, paired, stage, unpaired) -> bool:
+  pairs = stage in methods.METHODS and methods.get(stage).pairs and unpaired is not True  # On pairs (spec 9).
   return not (paired is True or pairs) or _group_size_fits(b, devices, processes)
 
 
@@ -236,7 +236,7 @@ RULES: list[Rule] = [
     Rule(("data.paired_batch_size", "devices", "processes"), _paired_batch_fits,
          "a multiple of the number of devices and of the number of processes when the paired stream runs "
          "(distill.paired=True or a stage trained on pairs; each gets an equal share of the pairs)",
-         uses=("distill.paired", "stage")),
+         uses=("distill.paired", "stage", "paired_method.unpaired")),
     number("data.eval_batch_size", integer=True, minimum=1),
     number("data.num_workers", integer=True, minimum=0),
     number("data.worker_buffer_size", integer=True, minimum=1),
@@ -352,6 +352,7 @@ RULES: list[Rule] = [
     Rule("distill.random_region_fractions", lambda f: is_sequence(f) and len(f) == 3
          and all(in_range(x, minimum=0) for x in f) and sum(f) > 0,
          "three numbers >= 0 with a positive sum (lesion, background, ambiguous)"),
+    flag("paired_method.unpaired"),
     number("fitnets.weight", minimum=0),
     number("add.warmup_epochs", minimum=0),
     number("add.dense_weight", minimum=0),

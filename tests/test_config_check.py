@@ -231,6 +231,7 @@ BROKEN = [
         "crckd.bank_init_scale=0.0: expected None (1 / sqrt(crckd.contrast_dim / 3)) or a number > 0"]),
     ({"crckd.normalize_eps": 0.0}, ["crckd.normalize_eps=0.0: expected a number > 0"]),
     ({"fitnets.weight": -1.0}, ["fitnets.weight=-1.0: expected a number >= 0"]),
+    ({"paired_method.unpaired": "yes"}, ["paired_method.unpaired='yes': expected True or False"]),
     ({"add.warmup_epochs": -1.0}, ["add.warmup_epochs=-1.0: expected a number >= 0"]),
     ({"add.dense_weight": "1"}, ["add.dense_weight='1': expected a number >= 0"]),
     ({"add.logit_weight": -0.5}, ["add.logit_weight=-0.5: expected a number >= 0"]),
@@ -241,6 +242,7 @@ ALLOWED = [
     ({"data.fold": 4, "data.val_fraction": 0.0, "data.image_size": 32, "data.synthetic.image_size": 32}, {}),
     ({"data.group_size": 8}, {"devices": 8, "processes": 2}),
     ({"data.paired_batch_size": 6}, {"devices": 4}),  # The paired stream is off: its batch size is not used.
+    ({"data.paired_batch_size": 6, "stage": "kd", "paired_method.unpaired": True}, {"devices": 4}),  # Nor here.
     ({"data.synthetic.enabled": False, "data.manifest": "TMP/file.csv"}, {}),
     ({"data.synthetic.enabled": False, "data.root": "TMP"}, {}),
     ({"data.synthetic.enabled": False, "data.synthetic.out": "", "data.synthetic.image_size": 16,

@@ -98,3 +98,51 @@ def test_train_py_trains_kd_on_the_pairs_alone_then_eval_py_evaluates_the_studen
   with open(workdir / "eval" / "metrics.json") as f:
     report = json.load(f)
   assert report["stage"] == "kd" and report["modality"] == "wli" and 0.0 <= report["auc"] <= 1.0
+
+
+def test_the_unpaired_variant_pairs_each_wli_image_with_a_random_nbi_image_of_its_class():
+  from pagkd_jax.methods import streams
+
+  c, k = 3, 4
+  config = base_config.get_config()
+  seen = []
+  update = jax.jit(streams.groups_as_pairs(lambda state, pairs: (state, pairs), config))
+  # Image (c, j) of each modality is filled with a code: 100 * class + j, + 50 for NBI.
+  codes = np.arange(c)[:, None] * 100 + np.arange(k)[None, :]
+  batch = {"wli": np.broadcast_to(codes[..., None, None, None], (c, k, 2, 2, 3)).astype(np.float32),
+           "nbi": np.broadcast_to(codes[..., None, None, None] + 50, (c, k, 2, 2, 3)).astype(np.float32),
+           "label": np.arange(c, dtype=np.int32)}
+  for step in (0, 1):
+    state = hinton_kd.TrainState(step=jnp.int32(step), params={}, batch_stats={}, opt_state=())
+    _, pairs = update(state, batch)
+    wli, nbi, label = (np.asarray(pairs[key]) for key in ("wli", "nbi", "label"))
+    assert wli.shape == nbi.shape == (k * c, 2, 2, 3) and label.shape == (k * c,)
+    wli_code, nbi_code = wli[:, 0, 0, 0].astype(int), nbi[:, 0, 0, 0].astype(int) - 50
+    np.testing.assert_array_equal(wli_code // 100, label)  # The WLI images in flatten_groups order, labelled.
+    np.testing.assert_array_equal(nbi_code // 100, label)  # Each partner of the same class...
+    for cls in range(c):  # ...a permutation of that class's NBI images.
+      assert sorted(nbi_code[label == cls] % 100) == list(range(k))
+    seen.append(nbi_code)
+  assert not np.array_equal(seen[0], seen[1])  # Drawn afresh at every step.
+
+
+@pytest.mark.slow
+def test_train_py_trains_kd_plus_unpaired_on_data_without_pairs(tmp_path, repo_root):
+  done = subprocess.run(
+      [sys.executable, "train.py", "--config=configs/synthetic.py:smoke", "--config.stage=kd",
+       "--config.paired_method.unpaired=True", f"--workdir={tmp_path / 'run'}",
+       f"--config.data.synthetic.out={tmp_path / 'data'}", "--config.data.synthetic.lesions_per_class=8",
+       "--config.data.synthetic.image_size=32", "--config.data.synthetic.images_per_lesion=2",
+       "--config.data.image_size=32", "--config.data.group_size=4", "--config.data.eval_batch_size=16",
+       "--config.train.num_steps=3", "--config.train.log_every_steps=1", "--config.train.eval_every_steps=3",
+       "--config.train.checkpoint_every_steps=3", "--config.eval.bootstrap_samples=20",
+       "--config.eval.num_cam_images=1"], cwd=repo_root, capture_output=True, text=True, timeout=1800,
+      env=env_with_xla_flags())
+  assert done.returncode == 0, done.stderr[-5000:]
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3]  # The class-group stream, no paired one.
+  assert all(r["train/loss_kd"] > 0 for r in train_rows)
+  assert not any(k.startswith("train/paired/") for r in rows for k in r)
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "latest" / "3" / "data_iter")

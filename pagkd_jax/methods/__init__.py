@@ -60,7 +60,8 @@ class Method:
   # The config value that sets the size of a Linear between the pooled features and the head (`resnet.ResNet`'s
   # embed_dim), e.g. "crckd.embed_dim"; "" for the plain classifier. The evaluation builds the same model from it.
   embedding: str = ""
-  # Trains on the pairs of the training split whatever distill.paired says (a paired comparison method, spec 9).
+  # A paired comparison method (spec 9): trains on the pairs of the training split, or with
+  # paired_method.unpaired on the class-group batches ("+ unpaired").
   pairs: bool = False
 
   def train(self, config, workdir: str, run_stage: Callable) -> dict:

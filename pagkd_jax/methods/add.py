@@ -17,7 +17,9 @@ and the teacher's of the NBI image (`paired_losses.logit_alignment_loss`).
 
 Choices the spec leaves open, made here: no projection before the dense loss (the spec names none for ADD), and both
 weights 1. The spec's optimiser (Adam 1e-4, L2 1e-8) and batch of 16 pairs are config values (optim.*,
-data.paired_batch_size), not forced here. Not implemented: the "+ unpaired" variant.
+data.paired_batch_size), not forced here. With `paired_method.unpaired` ("+ unpaired") the same loss is trained on
+the class-group stream over every training image instead, each WLI image with a random NBI image of its class
+(`streams.groups_as_pairs`); steps per epoch, and so the warm-up, are then the class-group stream's.
 """
 
 import dataclasses
@@ -100,13 +102,11 @@ def make_add_update(model, tx, config, steps_per_epoch: int) -> Callable:
 
 
 @dataclasses.dataclass(frozen=True)
-class ADDProgram:
-  """What `trainer.run_stage` trains in stage "add": the WLI classifier on the paired stream alone (no modalities, so
-  no class-group stream). `frozen` = (teacher variables,)."""
+class ADDProgram(streams.PairedMethodProgram):
+  """What `trainer.run_stage` trains in stage "add": the WLI classifier, on the paired stream alone or "+ unpaired"
+  (`streams.PairedMethodProgram`). `frozen` = (teacher variables,)."""
 
-  frozen: tuple
-  modalities: tuple = ()
-  extra_streams: tuple = (streams.PairedStream(make_add_update),)
+  paired_update = staticmethod(make_add_update)
 
   def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
     """The student exactly as the baseline starts (`classifier.init_classifier`)."""
@@ -124,5 +124,6 @@ class ADDProgram:
 def train(config, workdir: str, run_stage: Callable) -> dict:
   """The NBI teacher (trained in WORKDIR/teacher unless config.teacher.workdir names one; fewer training pairs than
   data.paired_batch_size fail before it), then the ADD student in `workdir`."""
-  teacher = pagkd_method.nbi_teacher(config, workdir, run_stage, needs_pairs=True)
-  return run_stage(config, workdir, ADDProgram(frozen=(teacher,)))
+  unpaired = bool(config.paired_method.unpaired)
+  teacher = pagkd_method.nbi_teacher(config, workdir, run_stage, needs_pairs=not unpaired)
+  return run_stage(config, workdir, ADDProgram(frozen=(teacher,), unpaired=unpaired))

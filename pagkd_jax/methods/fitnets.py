@@ -12,7 +12,8 @@ share the architecture, so F is the same). The spec gives no weight; fitnets.wei
 KD term is. The hint is on from the first step (no separate hint-training stage). The regressor is trained with the
 student by the same optimiser and is not shipped: the best checkpoint holds the student alone.
 
-Not implemented: the "+ unpaired" variant (each WLI image with a random same-class NBI image).
+With `paired_method.unpaired` ("+ unpaired") the same loss is trained on the class-group stream over every training
+image instead, each WLI image with a random NBI image of its class (`streams.groups_as_pairs`).
 """
 
 import dataclasses
@@ -84,13 +85,11 @@ def make_fitnets_update(model, tx, config, steps_per_epoch: int) -> Callable:
 
 
 @dataclasses.dataclass(frozen=True)
-class FitNetsProgram:
-  """What `trainer.run_stage` trains in stage "fitnets": the WLI classifier and the regressor on the paired stream
-  alone (no modalities, so no class-group stream). `frozen` = (teacher variables,)."""
+class FitNetsProgram(streams.PairedMethodProgram):
+  """What `trainer.run_stage` trains in stage "fitnets": the WLI classifier and the regressor, on the paired stream
+  alone or "+ unpaired" (`streams.PairedMethodProgram`). `frozen` = (teacher variables,)."""
 
-  frozen: tuple
-  modalities: tuple = ()
-  extra_streams: tuple = (streams.PairedStream(make_fitnets_update),)
+  paired_update = staticmethod(make_fitnets_update)
 
   def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
     """The student exactly as the baseline starts (`classifier.init_classifier` from `rng`); the regressor from a key
@@ -110,5 +109,6 @@ class FitNetsProgram:
 def train(config, workdir: str, run_stage: Callable) -> dict:
   """The NBI teacher (trained in WORKDIR/teacher unless config.teacher.workdir names one; fewer training pairs than
   data.paired_batch_size fail before it), then the FitNets student in `workdir`."""
-  teacher = pagkd_method.nbi_teacher(config, workdir, run_stage, needs_pairs=True)
-  return run_stage(config, workdir, FitNetsProgram(frozen=(teacher,)))
+  unpaired = bool(config.paired_method.unpaired)
+  teacher = pagkd_method.nbi_teacher(config, workdir, run_stage, needs_pairs=not unpaired)
+  return run_stage(config, workdir, FitNetsProgram(frozen=(teacher,), unpaired=unpaired))

@@ -11,7 +11,9 @@ the teacher in inference mode (BatchNorm running statistics) under stop_gradient
 There is no warm-up: the KD term is on from the first step. The shipped model is the student alone (a plain
 classifier). What a method supplies: the `pagkd_jax.methods` docstring.
 
-Not implemented: the "+ unpaired" variant (each WLI image with a random same-class NBI image).
+With `paired_method.unpaired` ("+ unpaired", the paper's fair setting) the same loss is trained on the class-group
+stream over every training image instead, each WLI image with a random NBI image of its class
+(`streams.groups_as_pairs`), and the data need no pairs.
 """
 
 import dataclasses
@@ -71,13 +73,11 @@ def make_kd_update(model, tx, config, steps_per_epoch: int) -> Callable:
 
 
 @dataclasses.dataclass(frozen=True)
-class HintonKDProgram:
-  """What `trainer.run_stage` trains in stage "kd": the WLI classifier on the paired stream alone (no modalities, so
-  no class-group stream). `frozen` = (teacher variables,)."""
+class HintonKDProgram(streams.PairedMethodProgram):
+  """What `trainer.run_stage` trains in stage "kd": the WLI classifier, on the paired stream alone or "+ unpaired"
+  (`streams.PairedMethodProgram`). `frozen` = (teacher variables,)."""
 
-  frozen: tuple
-  modalities: tuple = ()
-  extra_streams: tuple = (streams.PairedStream(make_kd_update),)
+  paired_update = staticmethod(make_kd_update)
 
   def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
     """The student exactly as the baseline starts (`classifier.init_classifier`)."""
@@ -90,5 +90,6 @@ class HintonKDProgram:
 def train(config, workdir: str, run_stage: Callable) -> dict:
   """The NBI teacher (trained in WORKDIR/teacher unless config.teacher.workdir names one; fewer training pairs than
   data.paired_batch_size fail before it), then the KD student in `workdir`."""
-  teacher = pagkd_method.nbi_teacher(config, workdir, run_stage, needs_pairs=True)
-  return run_stage(config, workdir, HintonKDProgram(frozen=(teacher,)))
+  unpaired = bool(config.paired_method.unpaired)
+  teacher = pagkd_method.nbi_teacher(config, workdir, run_stage, needs_pairs=not unpaired)
+  return run_stage(config, workdir, HintonKDProgram(frozen=(teacher,), unpaired=unpaired))
