@@ -5,7 +5,9 @@ not stored: they are computed where they are used, so an override of the value t
 never leave them stale.
 """
 
+import copy
 import dataclasses
+import json
 
 import ml_collections
 from ml_collections import config_dict
@@ -164,6 +166,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.par_downscale = 2
   d.par_temperature = 0.3
   d.par_pos_weight = 0.0  # 0 as the release; ToCo/AFA's PAR uses 0.01.
+  # How PAR resizes (par.py): "release" as ToCo and the release (bilinear; the CAM scores with corners aligned);
+  # "area" (area averaging down) reproduces runs made before this option existed.
+  d.par_resampling = "release"
   # Negative controls (distillation that must not help). Teacher groups given the wrong class: the WLI group of
   # class c is distilled from the NBI group of class (c + shift) mod C (GKD-Pro and GKD-Den); 0 = the method.
   d.teacher_class_shift = 0
@@ -235,3 +240,34 @@ def apply_release_conventions(config: ml_collections.ConfigDict) -> ml_collectio
   config.data.normalization = "unit"
   config.distill.variant = "release"
   return config
+
+
+# Config values added after runs were saved whose default is not what the code did before them: the value that
+# reproduces the earlier behaviour. A saved config.json without such a key is read with this value; without any
+# other added key, with its default (a new option's default keeps the old behaviour unless it is listed here).
+EARLIER_BEHAVIOUR = {
+    "distill.par_resampling": "area",
+}
+
+
+def complete_saved_config(saved: dict) -> tuple[dict, list[str]]:
+  """A run's saved config.json (as loaded by json) with every key of today's config: keys the run did not have take
+  their EARLIER_BEHAVIOUR value, or else their default. Returns (a new dict, the dotted keys added)."""
+  defaults = json.loads(get_config().to_json_best_effort())
+  added = []
+
+  def fill(node: dict, default: dict, prefix: str) -> None:
+    for key, value in default.items():
+      path = prefix + key
+      if isinstance(value, dict):
+        if not isinstance(node.get(key, {}), dict):
+          continue  # A value where a section is expected: left for the config check to name.
+        fill(node.setdefault(key, {}), value, path + ".")
+      elif key not in node:
+        node[key] = EARLIER_BEHAVIOUR.get(path, value)
+        added.append(path)
+
+  completed = copy.deepcopy(saved)
+  fill(completed, defaults, "")
+  return completed, added
+

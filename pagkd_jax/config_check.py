@@ -42,6 +42,7 @@ from pagkd_jax.data import normalization
 from pagkd_jax.data import splits
 from pagkd_jax.data import synthetic
 from pagkd_jax.distill import pagkd
+from pagkd_jax.distill import par
 from pagkd_jax.distill import qformer
 from pagkd_jax.models import conv
 from pagkd_jax.models import resnet
@@ -343,6 +344,7 @@ RULES: list[Rule] = [
     number("distill.par_downscale", integer=True, minimum=1),
     number("distill.par_temperature", above=0),
     number("distill.par_pos_weight", minimum=0),
+    choice("distill.par_resampling", par.RESAMPLING),
     number("distill.teacher_class_shift", integer=True),
     flag("distill.teacher_class_shift_per_step"),
     Rule("distill.teacher_class_shift_per_step", _per_step_shift_ok,

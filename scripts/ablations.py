@@ -15,7 +15,9 @@ ROOT/seed<S>/teacher_shuffled for the shuffled-label control) and every student 
 `--config.teacher.workdir`. An arm runs on --config, or on --config's file with its own preset argument (the
 oracle: `configs/transfer.py:oracle`), or on the preset given by `--arm_config=ARM=PRESET`. With
 --pretrain_config, one pretraining run per seed (ROOT/seed<S>/pretrain) comes first and every arm starts from it
-(`--config.model.init_from`).
+(`--config.model.init_from`). With --shared_root the pretraining and teacher runs live in (and are reused from)
+another folder, e.g. an earlier invocation's root: student arms rerun after a change to the code start from the
+same backbones and teachers.
 
 Each run lives in ROOT/seed<S>/<arm>/ with its logs (ablation_train.log, ablation_eval.log) and ablation_run.json
 (its command-line overrides, wall times, test metrics, loss curve summary, diagnostics); a run whose record exists
@@ -50,7 +52,7 @@ RUN_RECORD = "ablation_run.json"
 class Arm:
   name: str
   title: str
-  stage: str  # "teacher", "baseline" or "pagkd".
+  stage: str  # A stage of the methods table ("teacher", "baseline", "pagkd", "crckd").
   overrides: tuple[str, ...] = ()
   teacher: str = "teacher"  # Stage 2: the teacher arm (of the same seed) it distils from.
   preset_arg: str | None = None  # Runs on the preset file of --config with this argument (e.g. "oracle").
@@ -75,6 +77,8 @@ ARMS = {a.name: a for a in (
     Arm("unidirectional", "paper variant, unidirectional (NBI -> WLI)", "pagkd",
         ("--config.distill.bidirectional=False",)),
     Arm("oracle", "WLI oracle (the preset's oracle data)", "baseline", preset_arg="oracle"),
+    # The comparison method that needs no NBI data (CRCKD: mean teacher, class-guided contrast, relations).
+    Arm("crckd", "CRCKD (WLI only: mean teacher, CCD, CRP)", "crckd"),
     Arm("neg_shuffled_teacher", "negative control: teacher trained on shuffled labels", "pagkd",
         teacher="teacher_shuffled", negative_control=True),
     Arm("neg_permuted_groups", "negative control: teacher groups of the wrong class", "pagkd",
@@ -115,6 +119,10 @@ _ORDER = flags.DEFINE_enum("order", "seed", ["seed", "arm"],
                            "every seed before the next arm (the teachers first), so a cut-short run leaves complete "
                            "arms.")
 _AGGREGATE_ONLY = flags.DEFINE_bool("aggregate_only", False, "Train nothing; aggregate the finished runs.")
+_SHARED_ROOT = flags.DEFINE_string(
+    "shared_root", "", "Folder of the pretraining and teacher runs (trained there if missing), e.g. an earlier "
+    "invocation's --root: a rerun of student arms after a change to the code starts from the same backbones and "
+    "teachers, and its table lists them. Empty: --root.")
 
 
 def resolve_arms(names: list[str]) -> list[Arm]:
@@ -160,12 +168,13 @@ def epoch_overrides(config, scale: float) -> list[str]:
 
 
 def train_args(arm: Arm, seed: int, root: pathlib.Path, config_spec: str, common: list[str],
-               init_from: pathlib.Path | None = None) -> list[str]:
-  """train.py's arguments for one run (`init_from`: the seed's pretraining workdir, or None)."""
+               init_from: pathlib.Path | None = None, teacher_root: pathlib.Path | None = None) -> list[str]:
+  """train.py's arguments for one run (`init_from`: the seed's pretraining workdir, or None; `teacher_root`: where
+  the seed's teachers are, `root` by default)."""
   args = [f"--config={config_spec}", f"--workdir={root / f'seed{seed}' / arm.name}", f"--config.stage={arm.stage}",
           f"--config.seed={seed}", *common, *arm.overrides]
   if arm.stage == "pagkd":
-    args.append(f"--config.teacher.workdir={root / f'seed{seed}' / arm.teacher}")
+    args.append(f"--config.teacher.workdir={(teacher_root or root) / f'seed{seed}' / arm.teacher}")
   if init_from is not None:
     args.append(f"--config.model.init_from={init_from}")
   return args
@@ -214,6 +223,8 @@ def loss_curve_summary(metrics_path: pathlib.Path) -> dict:
 
 DIAGNOSTICS = ("grad_cls_layer4", "grad_pro_layer4", "grad_den_layer4", "token_norm_wli", "token_norm_nbi")
 REGION_METRICS = ("lesion_iou", "disc_recall", "false_lesion_fraction")
+REGION_STAGES = ("without_par", "disc_through_par")
+REGION_DIAGNOSTICS = (*REGION_METRICS, "cam_peak_in_disc", *(f"{stage}_disc_recall" for stage in REGION_STAGES))
 
 
 def diagnostics_summary(metrics_path: pathlib.Path, report: dict) -> dict:
@@ -231,15 +242,20 @@ def diagnostics_summary(metrics_path: pathlib.Path, report: dict) -> dict:
     for metric in REGION_METRICS:
       if entry.get(metric) is not None:
         result[f"region/{who}_{metric}"] = float(entry[metric])
+    if entry.get("cam_peak_in_disc") is not None:
+      result[f"region/{who}_cam_peak_in_disc"] = float(entry["cam_peak_in_disc"])
+    for stage in REGION_STAGES:  # Where the labels lose the lesion (region_agreement.py).
+      if (entry.get(stage) or {}).get("disc_recall") is not None:
+        result[f"region/{who}_{stage}_disc_recall"] = float(entry[stage]["disc_recall"])
   return result
 
 
 def run_arm(arm: Arm, seed: int, root: pathlib.Path, config_spec: str, common: list[str],
-            init_from: pathlib.Path | None = None) -> dict:
+            init_from: pathlib.Path | None = None, teacher_root: pathlib.Path | None = None) -> dict:
   """Trains and evaluates one (arm, seed) unless its record exists; returns the record."""
   workdir = root / f"seed{seed}" / arm.name
   record_path = workdir / RUN_RECORD
-  args = train_args(arm, seed, root, config_spec, common, init_from)
+  args = train_args(arm, seed, root, config_spec, common, init_from, teacher_root)
   record = finished_record(record_path, args, f"seed {seed} {arm.name}")
   if record is not None:
     return record
@@ -400,7 +416,7 @@ def criteria_lines(results: list[dict]) -> str:
 def diagnostics_table(summary: dict) -> str:
   """Mean ± std over seeds of each diagnostic that some arm has (gradient norms at layer4 and token norms over the
   distillation steps, region agreement with the true lesions on the test images); empty without any."""
-  names = [n for n in DIAGNOSTICS + tuple(f"region/{w}_{m}" for w in ("model", "teacher") for m in REGION_METRICS)
+  names = [n for n in DIAGNOSTICS + tuple(f"region/{w}_{m}" for w in ("model", "teacher") for m in REGION_DIAGNOSTICS)
            if any(n in e.get("diagnostics", {}) for e in summary.values())]
   if not names:
     return ""
@@ -437,6 +453,7 @@ def main(argv) -> None:
     raise app.UsageError(str(e)) from e
   root = pathlib.Path(_ROOT.value).resolve()
   root.mkdir(parents=True, exist_ok=True)
+  shared = pathlib.Path(_SHARED_ROOT.value).resolve() if _SHARED_ROOT.value else root
   seeds = [int(s) for s in _SEEDS.value]
   common = {spec: epoch_overrides(load_preset(spec), _EPOCHS_SCALE.value) + list(_OVERRIDE.value)
             for spec in sorted(set(presets.values()))}
@@ -453,16 +470,21 @@ def main(argv) -> None:
     init_from = {}
     for arm, seed in plan:
       if pretrain_common is not None and seed not in init_from:
-        init_from[seed] = run_pretrain(seed, root, _PRETRAIN_CONFIG.value, pretrain_common)
-      run_arm(arm, seed, root, presets[arm.name], common[presets[arm.name]], init_from.get(seed))
+        init_from[seed] = run_pretrain(seed, shared, _PRETRAIN_CONFIG.value, pretrain_common)
+      run_arm(arm, seed, shared if arm.stage == "teacher" else root, presets[arm.name], common[presets[arm.name]],
+              init_from.get(seed), teacher_root=shared)
   settings = {"config": _CONFIG.value, "arm_presets": presets, "pretrain_config": _PRETRAIN_CONFIG.value,
               "pretrain_overrides": pretrain_common, "seeds": seeds, "arms": [a.name for a in arms],
               "epochs_scale": _EPOCHS_SCALE.value, "overrides": common, "order": _ORDER.value,
+              "shared_root": str(shared) if shared != root else None,
               "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
               "wall_s_this_invocation": time.perf_counter() - start,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                           "python": sys.version.split()[0], "loadavg_end": list(os.getloadavg())}}
-  records = [r for r in read_records(root) if r["seed"] in seeds and r["arm"] in {a.name for a in arms}]
+  records = read_records(root)
+  if shared != root:
+    records += [r for r in read_records(shared) if r.get("stage") == "teacher"]
+  records = [r for r in records if r["seed"] in seeds and r["arm"] in {a.name for a in arms}]
   write_outputs(root, records, settings)
   total = sum(r["train_s"] + r["eval_s"] for r in records)
   print(f"train + eval wall time of the reported runs: {total:.0f} s ({total / 60:.1f} min); this invocation "

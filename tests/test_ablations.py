@@ -10,6 +10,8 @@ import pytest
 
 from training_configs import REPO_ROOT, load_script
 
+from pagkd_jax import methods
+
 
 ablations = load_script("ablations")
 
@@ -123,6 +125,10 @@ def test_arm_sets_teachers_presets_and_pretraining(tmp_path):
   names = lambda arms: [a.name for a in arms]
   assert names(ablations.resolve_arms(["ablations"])) == list(ablations.ARM_SETS["ablations"])
   assert names(ablations.resolve_arms(["pro_only"])) == ["teacher", "pro_only"]
+  assert names(ablations.resolve_arms(["crckd"])) == ["crckd"]  # WLI only: no NBI teacher.
+  crckd = ablations.train_args(ablations.ARMS["crckd"], 1, tmp_path, "configs/transfer.py", [])
+  assert "--config.stage=crckd" in crckd and not any("teacher.workdir" in a for a in crckd)
+  assert all(a.stage in methods.METHODS for a in ablations.ARMS.values())  # Every arm trains a known method.
   arms = names(ablations.resolve_arms(["neg_shuffled_teacher", "baseline", "baseline"]))
   assert arms == ["teacher_shuffled", "neg_shuffled_teacher", "baseline"]  # Its own teacher; no duplicates.
   transfer = names(ablations.resolve_arms(["transfer"]))
@@ -211,14 +217,19 @@ def test_diagnostics_from_metrics_and_report(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   report = {"region_agreement": {"model": {"lesion_iou": 0.4, "disc_recall": 0.5, "false_lesion_fraction": None},
-                                 "teacher": {"lesion_iou": 0.6, "disc_recall": 0.7, "false_lesion_fraction": 0.1}}}
+                                 "teacher": {"lesion_iou": 0.6, "disc_recall": 0.7, "false_lesion_fraction": 0.1,
+                                             "cam_peak_in_disc": 0.9, "without_par": {"disc_recall": 0.8},
+                                             "disc_through_par": {"disc_recall": 0.3}}}}
   diag = ablations.diagnostics_summary(path, report)
   assert diag == {"grad_cls_layer4": 2.0, "grad_pro_layer4": 0.375, "token_norm_wli": 2.0,
                   "region/model_lesion_iou": 0.4, "region/model_disc_recall": 0.5, "region/teacher_lesion_iou": 0.6,
-                  "region/teacher_disc_recall": 0.7, "region/teacher_false_lesion_fraction": 0.1}
+                  "region/teacher_disc_recall": 0.7, "region/teacher_false_lesion_fraction": 0.1,
+                  "region/teacher_cam_peak_in_disc": 0.9, "region/teacher_without_par_disc_recall": 0.8,
+                  "region/teacher_disc_through_par_disc_recall": 0.3}
   assert ablations.diagnostics_summary(tmp_path / "missing.jsonl", {}) == {}
   records = _criteria_records({"pro_den_paper": (0.8, 0.7)})
-  records[0]["diagnostics"] = {"grad_pro_layer4": 0.5, "region/model_lesion_iou": 0.2}
+  records[0]["diagnostics"] = {"grad_pro_layer4": 0.5, "region/model_lesion_iou": 0.2,
+                               "region/teacher_disc_through_par_disc_recall": 0.3}
   records[1]["diagnostics"] = {"grad_pro_layer4": 0.3}
   entry = ablations.aggregate(records)["pro_den_paper"]["diagnostics"]
   np.testing.assert_allclose([entry["grad_pro_layer4"]["mean"], entry["grad_pro_layer4"]["std"]],
@@ -226,6 +237,7 @@ def test_diagnostics_from_metrics_and_report(tmp_path):
   assert entry["region/model_lesion_iou"]["n"] == 1
   table = ablations.diagnostics_table(ablations.aggregate(records))
   assert "grad_pro_layer4" in table.splitlines()[0] and "0.4000 ± 0.1414" in table
+  assert "region/teacher_disc_through_par_disc_recall" in table.splitlines()[0]
   assert ablations.diagnostics_table(ablations.aggregate(_criteria_records())) == ""
 
 
@@ -274,3 +286,27 @@ def test_runner_trains_teacher_once_reuses_it_and_skips_finished_runs(tmp_path):
   again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "[run ]" not in again.stdout and again.stdout.count("[skip]") == 2
+
+  # A rerun of the student arm in another root, sharing the first root's teacher: only the student trains.
+  rerun_root = tmp_path / "rerun"
+  shared = [c if not c.startswith("--root=") else f"--root={rerun_root}" for c in cmd] + [f"--shared_root={root}"]
+  rerun = subprocess.run(shared, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+  assert "[skip] seed 0 teacher" in rerun.stdout and "[run ] seed 0 pro_only" in rerun.stdout
+  assert not (rerun_root / "seed0" / "teacher").exists()
+  student = json.loads((rerun_root / "seed0" / "pro_only" / ablations.RUN_RECORD).read_text())
+  assert f"--config.teacher.workdir={root / 'seed0' / 'teacher'}" in student["train_args"]
+  result = json.loads((rerun_root / "ablations.json").read_text())
+  assert set(result["summary"]) == {"teacher", "pro_only"} and result["settings"]["shared_root"] == str(root)
+
+  # The region-label stages of the student and its teacher; with the run's own resampling they are eval.py's.
+  stages_json = tmp_path / "stages.json"
+  out = subprocess.run([sys.executable, "scripts/region_label_stages.py", f"--workdir={root / 'seed0' / 'pro_only'}",
+                        f"--out={stages_json}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  stages = json.loads(stages_json.read_text())[str(root / "seed0" / "pro_only")]
+  assert set(stages) == {"model", "teacher"} and set(stages["model"]) == {"release", "area"}
+  for who in ("model", "teacher"):
+    expected = {k: v for k, v in report["region_agreement"][who].items() if k not in ("modality", "workdir")}
+    assert stages[who][config["distill"]["par_resampling"]] == expected, who
+  assert "PAR area" in out.stdout and "PAR release" in out.stdout

@@ -196,6 +196,7 @@ BROKEN = [
     ({"distill.par_downscale": 0}, ["distill.par_downscale=0: expected an integer >= 1"]),
     ({"distill.par_temperature": 0.0}, ["distill.par_temperature=0.0: expected a number > 0"]),
     ({"distill.par_pos_weight": -0.01}, ["distill.par_pos_weight=-0.01: expected a number >= 0"]),
+    ({"distill.par_resampling": "nearest"}, ["distill.par_resampling='nearest': expected one of 'release', 'area'"]),
     ({"distill.teacher_class_shift": 0.5}, ["distill.teacher_class_shift=0.5: expected an integer"]),
     ({"distill.teacher_class_shift_per_step": 1}, [
         "distill.teacher_class_shift_per_step=1: expected True or False"]),

@@ -4,6 +4,8 @@ Shuffled training labels (data), teacher groups shifted to the wrong class and r
 and the diagnostics logged with the training metrics (token norms, gradient norms at the student's layer4).
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -287,5 +289,28 @@ def test_gradient_norm_logging_may_change_on_resume(tmp_path):
   (tmp_path / "config.json").write_text(old.to_json_best_effort())
   trainer.check_resume_config(config, str(tmp_path))
   config.distill.teacher_class_shift_per_step = True  # Not the default: refused by name.
-  with pytest.raises(ValueError, match="distill.teacher_class_shift_per_step: None -> True"):
+  with pytest.raises(ValueError, match="distill.teacher_class_shift_per_step: False -> True"):
     trainer.check_resume_config(config, str(tmp_path))
+
+
+def test_a_run_saved_before_a_changed_default_is_read_as_it_ran(tmp_path):
+  """distill.par_resampling's default ("release") is not what runs saved before it did ("area"): eval.py reads such
+  a run with "area", and resuming it with the new default is refused by name."""
+  from pagkd_jax import base_config as base
+  from pagkd_jax.evaluation import evaluator
+  from pagkd_jax.training import trainer
+  old = base.get_config()
+  del old.distill["par_resampling"]
+  del old.distill["teacher_class_shift_per_step"]
+  (tmp_path / "config.json").write_text(old.to_json_best_effort())
+  loaded = evaluator.load_config(str(tmp_path))
+  assert loaded.distill.par_resampling == "area" and loaded.distill.teacher_class_shift_per_step is False
+  assert base.get_config().distill.par_resampling == "release"
+  completed, added = base.complete_saved_config(json.loads(old.to_json_best_effort()))
+  assert sorted(added) == ["distill.par_resampling", "distill.teacher_class_shift_per_step"]
+  assert completed["distill"]["par_resampling"] == "area"
+  config = base.get_config()
+  with pytest.raises(ValueError, match="distill.par_resampling: 'area' -> 'release'"):
+    trainer.check_resume_config(config, str(tmp_path))
+  config.distill.par_resampling = "area"
+  trainer.check_resume_config(config, str(tmp_path))

@@ -9,7 +9,7 @@ import pytest
 from pagkd_jax.distill import par
 
 DILATIONS = (1, 2, 4, 8)
-_PAR_SETTINGS = ("thresholds", "num_iters", "dilations", "temperature", "downscale", "pos_weight")
+_PAR_SETTINGS = ("thresholds", "num_iters", "dilations", "temperature", "downscale", "pos_weight", "resampling")
 refine = jax.jit(par.pixel_adaptive_refinement, static_argnames=_PAR_SETTINGS)
 
 
@@ -32,13 +32,17 @@ def ref_area_axis(x: np.ndarray, axis: int, out: int) -> np.ndarray:
   return np.moveaxis(y, 0, axis)
 
 
-def ref_bilinear_axis(x: np.ndarray, axis: int, out: int) -> np.ndarray:
-  """Bilinear upsampling of one axis, half-pixel centres, source coordinate clamped."""
+def ref_bilinear_axis(x: np.ndarray, axis: int, out: int, align_corners: bool = False) -> np.ndarray:
+  """Bilinear resampling of one axis as PyTorch's F.interpolate (no antialiasing): half-pixel centres, source
+  coordinate clamped, or with align_corners the end pixels of input and output aligned."""
   x = np.moveaxis(x, axis, 0)
   n = x.shape[0]
   y = np.zeros((out,) + x.shape[1:])
   for i in range(out):
-    src = min(max((i + 0.5) * n / out - 0.5, 0.0), n - 1.0)
+    if align_corners:
+      src = i * (n - 1) / (out - 1) if out > 1 else 0.0
+    else:
+      src = min(max((i + 0.5) * n / out - 0.5, 0.0), n - 1.0)
     j0 = int(math.floor(src))
     j1 = min(j0 + 1, n - 1)
     frac = src - j0
@@ -46,14 +50,21 @@ def ref_bilinear_axis(x: np.ndarray, axis: int, out: int) -> np.ndarray:
   return np.moveaxis(y, 0, axis)
 
 
-def ref_resize(x: np.ndarray, height: int, width: int) -> np.ndarray:
-  """(H, W, C) -> (height, width, C): bilinear up, area down, per axis."""
+def ref_resize(x: np.ndarray, height: int, width: int, method: str = "area") -> np.ndarray:
+  """(H, W, C) -> (height, width, C), per axis: "area" bilinear up and area down; "bilinear" and
+  "bilinear_corners" bilinear both ways (half-pixel centres, aligned corners)."""
   for axis, size in ((0, height), (1, width)):
-    if size > x.shape[axis]:
-      x = ref_bilinear_axis(x, axis, size)
-    elif size < x.shape[axis]:
+    if size == x.shape[axis]:
+      continue
+    if method == "area" and size < x.shape[axis]:
       x = ref_area_axis(x, axis, size)
+    else:
+      x = ref_bilinear_axis(x, axis, size, align_corners=method == "bilinear_corners")
   return x
+
+
+# The resize of each PAR step (image down, CAM scores up, refined scores down), as the module docstring states.
+REF_STEPS = {"release": ("bilinear", "bilinear_corners", "bilinear"), "area": ("area", "area", "area")}
 
 
 def ref_neighbours(img: np.ndarray, y: int, x: int, dilations) -> list[np.ndarray]:
@@ -119,11 +130,12 @@ def ref_propagate(maps: np.ndarray, aff: np.ndarray, dilations, num_iters: int) 
 
 
 def ref_par(image: np.ndarray, cam: np.ndarray, thresholds, num_iters=10, dilations=DILATIONS,
-            temperature=0.3, downscale=2, pos_weight=0.0) -> np.ndarray:
+            temperature=0.3, downscale=2, pos_weight=0.0, resampling="release") -> np.ndarray:
   """Refined scores of one image: (T, h, w, 2), channel 0 background, 1 foreground."""
   height, width, _ = image.shape
   h, w = cam.shape
-  small = ref_resize(image.astype(np.float64), height // downscale, width // downscale)
+  image_down, scores_up, scores_down = REF_STEPS[resampling]
+  small = ref_resize(image.astype(np.float64), height // downscale, width // downscale, image_down)
   aff = ref_affinities(small, dilations, temperature, pos_weight)
   result = []
   for tau in thresholds:
@@ -132,9 +144,9 @@ def ref_par(image: np.ndarray, cam: np.ndarray, thresholds, num_iters=10, dilati
       for x in range(w):
         e_bg, e_fg = math.exp(tau), math.exp(float(cam[y, x]))
         scores[y, x] = (e_bg / (e_bg + e_fg), e_fg / (e_bg + e_fg))
-    up = ref_resize(scores, small.shape[0], small.shape[1])
+    up = ref_resize(scores, small.shape[0], small.shape[1], scores_up)
     refined = ref_propagate(up, aff, dilations, num_iters)
-    result.append(ref_resize(refined, h, w))
+    result.append(ref_resize(refined, h, w, scores_down))
   return np.stack(result)
 
 
@@ -148,12 +160,27 @@ def assert_fg_matches(fg: np.ndarray, ref_scores: np.ndarray, margin: float = 1e
 # ---- tests ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("in_size,out_size", [(8, 4), (7, 3), (5, 5), (3, 8), (4, 7)])
-def test_resize_matches_reference(in_size, out_size):
+@pytest.mark.parametrize("method", ["area", "bilinear", "bilinear_corners"])
+@pytest.mark.parametrize("in_size,out_size", [(8, 4), (7, 3), (5, 5), (3, 8), (4, 7), (32, 8), (8, 32)])
+def test_resize_matches_reference(in_size, out_size, method):
   x = np.random.default_rng(0).normal(size=(2, in_size, in_size + 1, 3)).astype(np.float32)
-  got = par.resize_spatial(x, out_size, out_size + 2)
-  want = np.stack([ref_resize(xi.astype(np.float64), out_size, out_size + 2) for xi in x])
+  got = par.resize_spatial(x, out_size, out_size + 2, method)
+  want = np.stack([ref_resize(xi.astype(np.float64), out_size, out_size + 2, method) for xi in x])
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bilinear_weights_are_pytorchs_interpolate():
+  """Rows worked out by hand from F.interpolate's coordinate rules (2 -> 4 and 8 -> 2)."""
+  np.testing.assert_allclose(par.bilinear_weights(2, 4, align_corners=True),
+                             [[1, 0], [2 / 3, 1 / 3], [1 / 3, 2 / 3], [0, 1]], rtol=1e-6)
+  np.testing.assert_allclose(par.bilinear_weights(2, 4, align_corners=False),  # c = 0 (clamped), 0.25, 0.75, 1.25.
+                             [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]], rtol=1e-6)
+  down = np.zeros((2, 8))
+  down[0, 1:3] = down[1, 5:7] = 0.5  # Factor 4: c = 1.5 and 5.5, the mean of each cell's two middle pixels.
+  np.testing.assert_allclose(par.bilinear_weights(8, 2, align_corners=False), down, rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown PAR resampling 'nearest'"):
+    par.pixel_adaptive_refinement(np.zeros((1, 8, 8, 3), np.float32), np.zeros((1, 2, 2), np.float32),
+                                  resampling="nearest")
 
 
 def test_area_weights_rows_sum_to_one_and_reject_upsampling():
@@ -180,28 +207,30 @@ def test_affinities_and_propagation_match_reference(pos_weight):
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
 
 
-def test_par_two_flat_regions_matches_reference():
+@pytest.mark.parametrize("resampling", par.RESAMPLING)
+def test_par_two_flat_regions_matches_reference(resampling):
   rng = np.random.default_rng(2)
   img = np.zeros((2, 8, 8, 3), np.float32)
   img[:, :, :4] = (0.9, 0.3, 0.2)
   img[:, :, 4:] = (0.2, 0.4, 0.9)
   img[1] += 0.05 * rng.random((8, 8, 3)).astype(np.float32)
   cams = rng.random((2, 2, 2)).astype(np.float32)
-  fg = refine(img, cams)
+  fg = refine(img, cams, resampling=resampling)
   assert fg.shape == (2, 2, 2, 2) and fg.dtype == bool
   for b in range(2):
-    assert_fg_matches(np.asarray(fg[b]), ref_par(img[b], cams[b], (0.7, 0.3)))
+    assert_fg_matches(np.asarray(fg[b]), ref_par(img[b], cams[b], (0.7, 0.3), resampling=resampling))
 
 
-@pytest.mark.parametrize("thresholds,pos_weight", [((0.7, 0.3), 0.0), ((0.3, 0.7), 0.01)])
-def test_par_random_image_matches_reference(thresholds, pos_weight):
+@pytest.mark.parametrize("thresholds,pos_weight,resampling",
+                         [((0.7, 0.3), 0.0, "release"), ((0.3, 0.7), 0.01, "release"), ((0.7, 0.3), 0.0, "area")])
+def test_par_random_image_matches_reference(thresholds, pos_weight, resampling):
   rng = np.random.default_rng(3)
   img = rng.random((2, 14, 12, 3)).astype(np.float32)  # Half size 7x6; CAM 3x2: odd ratios.
   cams = rng.random((2, 3, 2)).astype(np.float32)
-  fg = refine(img, cams, thresholds=thresholds, pos_weight=pos_weight)
+  fg = refine(img, cams, thresholds=thresholds, pos_weight=pos_weight, resampling=resampling)
   for b in range(2):
     assert_fg_matches(np.asarray(fg[b]),
-                      ref_par(img[b], cams[b], thresholds, pos_weight=pos_weight))
+                      ref_par(img[b], cams[b], thresholds, pos_weight=pos_weight, resampling=resampling))
 
 
 def test_par_spreads_within_colour_region_and_stops_at_edge():

@@ -113,7 +113,25 @@ def test_region_agreement_of_a_network_on_synthetic_records(synthetic_images):
       np.asarray(labels_fn(variables, jnp.asarray(augment.preprocess_eval(image_io.read_image(r), SIZE))[None],
                            jnp.asarray([r.label]))) for r in records])
   expected = region_agreement.agreement(labels, masks)
-  assert result == expected and result["n_images"] == len(records)
+  assert {k: result[k] for k in expected} == expected and result["n_images"] == len(records)
+  # The stages: the CAM (NumPy), its dual threshold without PAR (NumPy), and a CAM equal to the disc through PAR.
+  images = np.stack([augment.preprocess_eval(image_io.read_image(r), SIZE) for r in records])
+  x = normalize_images(jnp.asarray(images), "imagenet")
+  _, features = model.apply(variables, x, train=False)
+  kernel = np.asarray(resnet.class_kernel(variables["params"]), np.float64)
+  cams = []
+  for f, r in zip(np.asarray(features, np.float64), records):
+    cam = np.maximum(f @ kernel[:, r.label], 0.0)
+    cams.append((cam - cam.min()) / (cam.max() - cam.min() + 1e-5))
+  peaks = [m.reshape(-1)[int(np.argmax(c))] for c, m in zip(cams, masks)]
+  assert result["cam_peak_in_disc"] == pytest.approx(np.mean(peaks))
+  hi, lo = config.distill.thresholds
+  plain = np.where(np.asarray(cams) > hi, 1, np.where(np.asarray(cams) > lo, -1, 0))
+  assert result["without_par"] == region_agreement.agreement(plain, masks)
+  disc_labels = np.asarray(pagkd.cam_region_labels(x, jnp.asarray(masks, jnp.float32), config.distill))
+  assert result["disc_through_par"] == region_agreement.agreement(disc_labels, masks)
+  assert result["disc_through_par"]["false_lesion_fraction"] in (None, 0.0) or \
+      result["disc_through_par"]["false_lesion_fraction"] < 0.05  # PAR shrinks a perfect CAM; it does not move it.
   for key in ("lesion_iou", "disc_recall", "background_in_disc", "lesion_fraction"):
     assert 0.0 <= result[key] <= 1.0
   bad = records[:1] + [records[1].__class__(**{**records[1].__dict__, "path": str(out / "nope.png")})]

@@ -214,6 +214,10 @@ def test_eval_records_the_step_and_whether_it_distilled(distilled, runs, caplog)
   saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
   assert saved["checkpoint"] == "best" and saved["checkpoint_step"] == distilled["result"]["best_step"]
   assert saved["distillation_on"] is True and saved["distillation_warmup_steps"] == 6
+  for who in ("model", "teacher"):  # Synthetic data: the region labels against the true lesions, stage by stage.
+    entry = saved["region_agreement"][who]
+    assert 0.0 <= entry["cam_peak_in_disc"] <= 1.0
+    assert {"disc_recall", "lesion_iou"} <= set(entry["without_par"]) and "disc_recall" in entry["disc_through_par"]
   with caplog.at_level("WARNING"):
     evaluator.evaluate([str(runs["control"])])
   saved = json.load(open(os.path.join(runs["control"], "eval", "metrics.json")))

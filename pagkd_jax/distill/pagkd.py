@@ -72,7 +72,7 @@ def cam_region_labels(images: jax.Array, cams: jax.Array, distill_config) -> jax
   fg = par.pixel_adaptive_refinement(jax.lax.stop_gradient(images), cams, thresholds=tuple(d.thresholds),
                                      num_iters=d.par_iters, dilations=tuple(d.par_dilations),
                                      temperature=d.par_temperature, downscale=d.par_downscale,
-                                     pos_weight=d.par_pos_weight)
+                                     pos_weight=d.par_pos_weight, resampling=d.par_resampling)
   return relations.dual_threshold_labels(fg, tuple(d.thresholds))
 
 

@@ -5,14 +5,17 @@ the image: every pixel repeatedly replaces its scores by an affinity-weighted av
 dilated neighbours, where neighbours with a similar colour get a large weight. The refined map is
 brought back to the CAM resolution and thresholded by an argmax.
 
-Resampling (stated once, used everywhere in this module):
-  * downsampling (image to half size, refined map back to the CAM size) is **area** averaging: an
-    output cell is the mean of the input pixels it covers, with fractional pixels weighted by the
-    covered fraction (an exact 2x2 box for the usual factor-2 image reduction, which is also what
-    the release's bilinear ``align_corners=False`` reduction computes for even sizes);
-  * upsampling (CAM scores to the half-size image) is **bilinear with half-pixel centres**
-    (``jax.image.resize(..., "linear")``, equal to PyTorch ``align_corners=False``; the release uses
-    ``align_corners=True`` here, a sub-pixel difference).
+Resampling (`resampling`, config `distill.par_resampling`), the three steps: image -> half size, CAM scores ->
+half size, refined scores -> CAM size:
+  * "release" (default): what ToCo's PAR and the public release compute with ``F.interpolate``: bilinear
+    (``align_corners=False``, no antialiasing) for the image and for the refined map, bilinear with
+    ``align_corners=True`` for the CAM scores. Going back from the half-size map to the CAM grid this *samples*
+    each cell near its centre (factor 4: the mean of the two middle pixels per axis).
+  * "area": the first version of this module: area averaging down (an output cell is the mean of every input pixel
+    it covers, fractional pixels weighted by the covered fraction), bilinear with half-pixel centres up. Averaging
+    the whole cell mixes a small lesion's scores with its surroundings: on 64 px inputs with 8 x 8 CAMs it keeps
+    about half as many lesion cells as "release" (docs/RESULTS.md, "Where the region labels lose the lesion").
+For the factor-2 image reduction both give the same 2 x 2 mean on even sizes.
 """
 
 from collections.abc import Sequence
@@ -59,23 +62,59 @@ def area_weights(in_size: int, out_size: int) -> np.ndarray:
   return (np.clip(hi - lo, 0.0, None) / scale).astype(np.float32)
 
 
-def _resize_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-  """Resizes one axis: bilinear (half-pixel centres) up, area down, identity when equal."""
+def bilinear_weights(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
+  """`(out_size, in_size)` matrix of PyTorch's bilinear ``F.interpolate`` along one axis (no antialiasing).
+
+  Output j reads the source coordinate c = j (in - 1) / (out - 1) with `align_corners` (0 for out = 1), else
+  c = max((j + 0.5) in / out - 0.5, 0); its value is (1 - t) x[i] + t x[min(i + 1, in - 1)], i = floor(c),
+  t = c - i. Rows sum to 1.
+  """
+  if in_size < 1 or out_size < 1:
+    raise ValueError(f"bilinear resampling needs sizes >= 1, got {in_size} -> {out_size}")
+  j = np.arange(out_size, dtype=np.float64)
+  if align_corners:
+    src = j * (in_size - 1) / (out_size - 1) if out_size > 1 else np.zeros_like(j)
+  else:
+    src = np.maximum((j + 0.5) * in_size / out_size - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  t = src - lo
+  weights = np.zeros((out_size, in_size), np.float64)
+  np.add.at(weights, (np.arange(out_size), lo), 1.0 - t)
+  np.add.at(weights, (np.arange(out_size), hi), t)
+  return weights.astype(np.float32)
+
+
+RESAMPLING = ("release", "area")
+# Per resampling: the method of each step (image down, CAM scores up, refined scores down).
+_STEP_METHODS = {"release": ("bilinear", "bilinear_corners", "bilinear"), "area": ("area", "area", "area")}
+
+
+def _axis_weights(in_size: int, size: int, method: str) -> np.ndarray:
+  if method == "bilinear":
+    return bilinear_weights(in_size, size, align_corners=False)
+  if method == "bilinear_corners":
+    return bilinear_weights(in_size, size, align_corners=True)
+  if method == "area":  # Area down, bilinear with half-pixel centres up.
+    return area_weights(in_size, size) if size < in_size else bilinear_weights(in_size, size, align_corners=False)
+  raise ValueError(f"unknown resize method {method!r}")
+
+
+def _resize_axis(x: jax.Array, axis: int, size: int, method: str) -> jax.Array:
+  """Resizes one axis by `_axis_weights`; identity when the size is unchanged."""
   in_size = x.shape[axis]
   if size == in_size:
     return x
-  if size > in_size:
-    shape = list(x.shape)
-    shape[axis] = size
-    return jax.image.resize(x, tuple(shape), method="linear")
-  weights = jnp.asarray(area_weights(in_size, size))
+  weights = jnp.asarray(_axis_weights(in_size, size, method))
   moved = jnp.moveaxis(x, axis, -1)
   return jnp.moveaxis(jnp.einsum("...i,oi->...o", moved, weights), -1, axis)
 
 
-def resize_spatial(x: jax.Array, height: int, width: int) -> jax.Array:
-  """Resizes `(B, H, W, C)` to `(B, height, width, C)` (bilinear up / area down, per axis)."""
-  return _resize_axis(_resize_axis(x, 1, height), 2, width)
+def resize_spatial(x: jax.Array, height: int, width: int, method: str = "area") -> jax.Array:
+  """Resizes `(B, H, W, C)` to `(B, height, width, C)`, per axis. method: "area" (area down, bilinear with
+  half-pixel centres up), "bilinear" (PyTorch ``align_corners=False`` both ways) or "bilinear_corners"
+  (``align_corners=True``)."""
+  return _resize_axis(_resize_axis(x, 1, height, method), 2, width, method)
 
 
 def pixel_affinities(images: jax.Array,
@@ -152,23 +191,25 @@ def pixel_adaptive_refinement(images: jax.Array,
                               dilations: Sequence[int] = (1, 2, 4, 8),
                               temperature: float = 0.3,
                               downscale: int = 2,
-                              pos_weight: float = 0.0) -> jax.Array:
+                              pos_weight: float = 0.0,
+                              resampling: str = "release") -> jax.Array:
   """Refined foreground maps of a batch of CAMs, one per threshold (spec 5.2).
 
-  Per image: the image is area-downsampled to `(H // downscale, W // downscale)`; for every
+  Per image: the image is downsampled to `(H // downscale, W // downscale)`; for every
   threshold tau the scores softmax([tau, cam]) (channel 0 background, channel 1 foreground) are
-  bilinearly upsampled to that size, refined by `propagate` with the image's `pixel_affinities`,
-  area-downsampled back to `(h, w)`; foreground where channel 1 > channel 0 (ties are background,
-  like the first-index argmax of the release). Batched, jit-able, float32 internally; the output
-  is boolean, so nothing is differentiated through it.
+  upsampled to that size, refined by `propagate` with the image's `pixel_affinities`,
+  downsampled back to `(h, w)` (each step as `resampling` says, module docstring); foreground
+  where channel 1 > channel 0 (ties are background, like the first-index argmax of the release).
+  Batched, jit-able, float32 internally; the output is boolean, so nothing is differentiated
+  through it.
 
   Args:
     images: `(B, H, W, 3)` network input images (any per-channel normalisation: the affinities
       divide by a per-channel std).
     cams: `(B, h, w)` CAMs in [0, 1].
     thresholds: background scores tau, one output map per entry.
-    num_iters, dilations, temperature, downscale, pos_weight: static Python settings (spec
-      defaults; `pos_weight` 0 = the release, 0.01 = ToCo/AFA's position term).
+    num_iters, dilations, temperature, downscale, pos_weight, resampling: static Python settings
+      (spec defaults; `pos_weight` 0 = the release, 0.01 = ToCo/AFA's position term).
 
   Returns:
     `(B, len(thresholds), h, w)` bool, True = foreground.
@@ -183,11 +224,14 @@ def pixel_adaptive_refinement(images: jax.Array,
     raise ValueError("thresholds must not be empty")
   if num_iters < 0 or not dilations or min(dilations) < 1:
     raise ValueError(f"bad PAR settings: num_iters={num_iters}, dilations={dilations}")
+  if resampling not in _STEP_METHODS:
+    raise ValueError(f"unknown PAR resampling {resampling!r}; expected one of {RESAMPLING}")
+  image_down, scores_up, scores_down = _STEP_METHODS[resampling]
   _, height, width, _ = images.shape
   _, h, w = cams.shape
   small_h, small_w = height // downscale, width // downscale
 
-  small = resize_spatial(images.astype(jnp.float32), small_h, small_w)
+  small = resize_spatial(images.astype(jnp.float32), small_h, small_w, image_down)
   aff = pixel_affinities(small, dilations, temperature, pos_weight)
 
   cams = cams.astype(jnp.float32)
@@ -196,9 +240,9 @@ def pixel_adaptive_refinement(images: jax.Array,
   fg = jnp.broadcast_to(cams[..., None], bg.shape)
   scores = jax.nn.softmax(jnp.stack([bg, fg], axis=-1), axis=-1)  # (B, h, w, T, 2)
   scores = scores.reshape(cams.shape + (2 * len(thresholds),))
-  scores = resize_spatial(scores, small_h, small_w)
+  scores = resize_spatial(scores, small_h, small_w, scores_up)
 
   refined = propagate(scores, aff, dilations, num_iters)
-  refined = resize_spatial(refined, h, w).reshape(cams.shape + (len(thresholds), 2))
+  refined = resize_spatial(refined, h, w, scores_down).reshape(cams.shape + (len(thresholds), 2))
   fg_map = refined[..., 1] > refined[..., 0]  # (B, h, w, T)
   return jnp.moveaxis(fg_map, -1, 1)

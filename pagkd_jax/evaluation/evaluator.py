@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
+from pagkd_jax import base_config
 from pagkd_jax import checkpointing
 from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
@@ -29,12 +31,18 @@ from pagkd_jax.evaluation import region_agreement
 
 
 def load_config(workdir: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-  """WORKDIR/config.json, with `overrides` ({"eval.calibrate": True, ...}, eval.py's --config.eval.X) applied."""
+  """WORKDIR/config.json, with `overrides` ({"eval.calibrate": True, ...}, eval.py's --config.eval.X) applied.
+  Values added to the project after the run was saved are what the run did (`base_config.complete_saved_config`)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir (train.py writes it).")
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    saved, added = base_config.complete_saved_config(json.load(f))
+  config = ml_collections.ConfigDict(saved)
+  if added:
+    flat = traverse_util.flatten_dict(saved, sep=".")
+    logging.info("%s: config values added since the run was saved, read as what it did: %s", workdir,
+                 ", ".join(f"{k}={flat[k]!r}" for k in added))
   for key, value in (overrides or {}).items():
     *parents, name = key.split(".")
     node = config
@@ -205,8 +213,11 @@ def _region_agreement(workdir, config, data, model, variables, test_records, whi
       logging.warning("%s: no teacher in %s, or no NBI test image: teacher region agreement left out.", workdir,
                       teacher_dir)
   for who, entry in result.items():
-    logging.info("%s: %s region labels against the true lesions: IoU %s, disc recall %s, false lesion %s", workdir,
-                 who, entry["lesion_iou"], entry["disc_recall"], entry["false_lesion_fraction"])
+    logging.info("%s: %s region labels against the true lesions: IoU %s, disc recall %s, false lesion %s; CAM "
+                 "maximum in the disc in %s of the images; disc recall without PAR %s, of a CAM equal to the disc "
+                 "after PAR %s", workdir, who, entry["lesion_iou"], entry["disc_recall"],
+                 entry["false_lesion_fraction"], entry["cam_peak_in_disc"], entry["without_par"]["disc_recall"],
+                 entry["disc_through_par"]["disc_recall"])
   return result
 
 

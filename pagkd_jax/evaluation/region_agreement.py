@@ -13,6 +13,12 @@ Metrics, pooled over all images and positions (L: labelled lesion, D: inside the
   background_in_disc    |B and D| / |D|        (the disc's share that is labelled background)
   lesion_fraction, ambiguous_fraction, disc_fraction: shares of all positions.
 A ratio with an empty denominator is None.
+
+Where the labels lose the lesion, stage by stage (`evaluate_region_agreement`):
+  cam_peak_in_disc      share of images whose CAM maximum lies in a disc cell (the CAM alone)
+  without_par           the metrics of the dual threshold applied to the CAM itself (spec 5.3 without 5.2)
+  disc_through_par      the metrics of a CAM equal to the disc (1 inside, 0 outside) refined by PAR: what PAR, at this
+                        resolution and on these images, keeps of a perfect CAM
 """
 
 import csv
@@ -100,14 +106,34 @@ def agreement(labels: np.ndarray, discs: np.ndarray) -> dict:
 def make_region_label_fn(model, normalization: str, distill_config):
   """Jitted labels(variables, images (B, H, W, 3) uint8, classes (B,)) -> (B, h, w) int8: the CAM of the true
   class of the model's own head, refined and thresholded as in training (spec 5.1-5.3)."""
+  stages_fn = make_label_stages_fn(model, normalization, distill_config)
+  return jax.jit(lambda variables, images, classes: stages_fn(variables, images, classes)["labels"])
 
-  def labels_fn(variables, images, classes):
+
+def make_label_stages_fn(model, normalization: str, distill_config):
+  """Jitted stages(variables, images (B, H, W, 3) uint8, classes (B,), discs (B, h, w) bool or None) -> dict:
+  "cams" (B, h, w) float32 in [0, 1]; "labels" (B, h, w) int8 as in training (spec 5.1-5.3); "without_par" the
+  dual threshold of the CAM itself; with discs, "disc_through_par": the labels of a CAM equal to the disc."""
+  thresholds = tuple(distill_config.thresholds)
+
+  def stages_fn(variables, images, classes, discs=None):
     x = normalize_images(images, normalization)
     _, features = model.apply(variables, x, train=False)
     cams = class_activation_map(features, resnet.class_kernel(variables["params"]), classes)
-    return pagkd.cam_region_labels(x, cams, distill_config)
+    out = {"cams": cams, "labels": pagkd.cam_region_labels(x, cams, distill_config),
+           "without_par": relations.dual_threshold_labels(
+               jnp.stack([cams > tau for tau in thresholds], axis=1), thresholds)}
+    if discs is not None:
+      out["disc_through_par"] = pagkd.cam_region_labels(x, discs.astype(jnp.float32), distill_config)
+    return out
 
-  return jax.jit(labels_fn)
+  return jax.jit(stages_fn)
+
+
+def cam_peak_in_disc(cams: np.ndarray, discs: np.ndarray) -> float:
+  """Share of images (N,) whose CAM (N, h, w) has its maximum (first one) in a disc cell of discs (N, h, w)."""
+  flat = np.asarray(cams).reshape(len(cams), -1)
+  return float(np.mean(np.asarray(discs, bool).reshape(len(cams), -1)[np.arange(len(cams)), flat.argmax(-1)]))
 
 
 def evaluate_region_agreement(model, variables, records, config, batch_size: int | None = None) -> dict:
@@ -125,19 +151,27 @@ def evaluate_region_agreement(model, variables, records, config, batch_size: int
                      f"e.g. {missing[:3]}.")
   size = config.data.image_size
   batch_size = batch_size or config.data.eval_batch_size
-  labels_fn = make_region_label_fn(model, config.data.normalization, config.distill)
+  stages_fn = make_label_stages_fn(model, config.data.normalization, config.distill)
   variables = jax.device_get(variables)
-  labels = []
+  discs = np.asarray([discs_by_path[os.path.realpath(r.path)] for r in records])
+  grid = jax.eval_shape(lambda v, x: model.apply(v, x, train=False)[1], variables,
+                        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape[1:3]
+  masks = disc_masks(discs, int(config.data.synthetic.image_size), grid)
+  stages = {"cams": [], "labels": [], "without_par": [], "disc_through_par": []}
   for start in range(0, len(records), batch_size):
     chunk = records[start:start + batch_size]
     images = np.stack([augment.preprocess_eval(image_io.read_image(r), size) for r in chunk])
     classes = np.asarray([r.label for r in chunk], np.int32)
+    chunk_masks = masks[start:start + batch_size]
     pad = batch_size - len(chunk)  # Fixed batch shape: one compilation.
     if pad:
       images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
       classes = np.concatenate([classes, np.repeat(classes[-1:], pad)])
-    labels.append(np.asarray(labels_fn(variables, jnp.asarray(images), jnp.asarray(classes)))[:len(chunk)])
-  labels = np.concatenate(labels)
-  discs = np.asarray([discs_by_path[os.path.realpath(r.path)] for r in records])
-  masks = disc_masks(discs, int(config.data.synthetic.image_size), labels.shape[1:])
-  return agreement(labels, masks)
+      chunk_masks = np.concatenate([chunk_masks, np.repeat(chunk_masks[-1:], pad, 0)])
+    out = stages_fn(variables, jnp.asarray(images), jnp.asarray(classes), jnp.asarray(chunk_masks))
+    for name in stages:
+      stages[name].append(np.asarray(out[name])[:len(chunk)])
+  stages = {name: np.concatenate(values) for name, values in stages.items()}
+  return {**agreement(stages["labels"], masks), "cam_peak_in_disc": cam_peak_in_disc(stages["cams"], masks),
+          "without_par": agreement(stages["without_par"], masks),
+          "disc_through_par": agreement(stages["disc_through_par"], masks)}

@@ -61,15 +61,12 @@ def check_resume_config(config, workdir: str) -> None:
   if not os.path.exists(path):
     return
   with open(path) as f:
-    old = json.load(f)
+    # A value added to the project after the run was saved is what the run did (its default, or the earlier
+    # behaviour where the default changed it): resuming with another value is a change like any other.
+    old, _ = base_config.complete_saved_config(json.load(f))
   changes = config_changes(old, json.loads(config.to_json_best_effort()))
-  # A value added to the project after the run was saved, at its default, is what the run did (a new option's
-  # default keeps the old behaviour).
-  saved = traverse_util.flatten_dict(old, sep=".")
-  defaults = traverse_util.flatten_dict(json.loads(base_config.get_config().to_json_best_effort()), sep=".")
-  added_at_default = {k for k, _, b in changes if k not in saved and k in defaults and defaults[k] == b}
-  blocking = [c for c in changes if c[0] not in added_at_default
-              and not any(c[0] == r or (r.endswith(".") and c[0].startswith(r)) for r in RESUMABLE_CHANGES)]
+  blocking = [c for c in changes
+              if not any(c[0] == r or (r.endswith(".") and c[0].startswith(r)) for r in RESUMABLE_CHANGES)]
   if blocking:
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in blocking)
     raise ValueError(f"{workdir} holds a run with another configuration ({listed}). Resuming it would mix two "
