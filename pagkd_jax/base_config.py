@@ -141,6 +141,11 @@ def get_config() -> ml_collections.ConfigDict:
   d.level = "group"  # "group" (PaGKD) or "image" (ablation: each WLI image with one same-class NBI image).
   d.embed_dim = 128  # d of the bias-free 1x1 group-feature embeddings (student, and teacher side).
   d.warmup_epochs = 5.0  # Cross-entropy only before this.
+  # "PaGKD (all)" (spec 8): also train on the pairs of the training split (data.paired_batch_size pairs a step, then
+  # a class-group step of the unpaired WLI images and all NBI images): CE on the paired WLI images plus, after the
+  # warm-up, lambda_den times the per-image dense loss in both directions. Needs pairs (manifest pair_id,
+  # data.synthetic.paired_fraction > 0).
+  d.paired = False
   # GKD-Pro (spec 4).
   d.use_pro = True
   d.lambda_pro = config_dict.placeholder(float)  # None: 1 (paper) or 0.001 (release).
@@ -180,6 +185,25 @@ def get_config() -> ml_collections.ConfigDict:
   # crckd.num_negatives (K = 4096). crckd.ccd_weight_late = 0.01 reproduces the public release, which multiplies the
   # CCD weight by 0.1 twice from crckd.mean_teacher_start_epoch on (the spec keeps 0.1).
   config.crckd = crckd_config()
+
+  # ---- the paired comparison methods (stages "kd", "fitnets", "add"; spec 9) -----------------------
+  config.paired_method = ml_collections.ConfigDict()
+  # False: trained on the pairs of the training split alone. True: "+ unpaired" (the paper's fair setting): the
+  # class-group batches of every training image, each WLI image with a random NBI image of its class; no pairs needed.
+  config.paired_method.unpaired = False
+
+  # ---- FitNets on pairs (stage "fitnets"; spec 9) ---------------------------------------------------
+  config.fitnets = ml_collections.ConfigDict()
+  # Weight of the hint (MSE of the regressed student layer4 map to the teacher's) added to CE; the spec gives none.
+  config.fitnets.weight = 1.0
+
+  # ---- ADD on pairs (stage "add"; spec 9) -------------------------------------------------------------
+  config.add = ml_collections.ConfigDict()
+  config.add.warmup_epochs = 15.0  # Cross-entropy only before this (the spec's 15 epochs).
+  # Weights of the dense loss (both directions, ambiguous relation 0) and of the logit alignment added to CE; the
+  # spec gives none.
+  config.add.dense_weight = 1.0
+  config.add.logit_weight = 1.0
   return config
 
 

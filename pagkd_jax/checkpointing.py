@@ -1,7 +1,9 @@
 """Orbax checkpoints of a run: `latest` (state + data-iterator position, for exact resume) and `best`
 (the model variables with the best validation AUC, for evaluation).
 
-Layout: WORKDIR/checkpoints/latest/<step>/{state,data_iter,meta} and WORKDIR/checkpoints/best/<step>/variables.
+Layout: WORKDIR/checkpoints/latest/<step>/{state,data_iter,meta} (data_iter: the class-group stream's position,
+absent for a run without that stream; plus data_iter_<name> for each extra training stream of the run, e.g.
+data_iter_paired) and WORKDIR/checkpoints/best/<step>/variables.
 Orbax writes each checkpoint to a temporary folder and renames it when complete, so an interrupted save never
 leaves a checkpoint that looks finished.
 """
@@ -115,22 +117,43 @@ class RunCheckpoints:
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
-  def save_latest(self, step: int, state, data_iter, meta: dict) -> None:
+  def save_latest(self, step: int, state, data_iter, meta: dict, extra_iters: dict | None = None) -> None:
+    """Saves the training state, the class-group iterator's position (`data_iter`; None for a run without the
+    class-group stream) and `meta`; `extra_iters` ({stream name: iterator}) the position of each extra training
+    stream, as item data_iter_<name>."""
     # One manager finalises at a time: with several processes, two background finalisations would enter orbax's
     # multi-host barrier under the same name at once and fail ("Barrier ... is already ongoing").
     self.best.wait_until_finished()
+    extras = {f"data_iter_{name}": grain.checkpoint.CheckpointSave(it) for name, it in (extra_iters or {}).items()}
+    if data_iter is not None:
+      extras["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     self.latest.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), **extras), force=True)
 
-  def restore_latest(self, abstract_state, data_iter) -> tuple[Any, dict]:
+  def restore_latest(self, abstract_state, data_iter, extra_iters: dict | None = None) -> tuple[Any, dict]:
+    """Restores the newest latest checkpoint into `abstract_state`'s layout, and the positions of `data_iter` (the
+    class-group stream's; None for a run without it) and of each iterator of `extra_iters` ({stream name:
+    iterator}) in place. Returns (state, meta).
+
+    Raises:
+      CheckpointMismatchError: the saved model does not fit, or an extra stream has no saved position (the
+      checkpoint was written by a run without that stream).
+    """
     step = self.latest.latest_step()
     check_fits(os.path.join(self.latest.directory, str(step), "state"),
                {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats},
                "the model of this config", subtrees=("params", "batch_stats"))
+    extras = {}
+    for name, it in (extra_iters or {}).items():
+      item = f"data_iter_{name}"
+      if not os.path.isdir(os.path.join(self.latest.directory, str(step), item)):
+        raise CheckpointMismatchError(f"The checkpoint {os.path.join(self.latest.directory, str(step))} has no "
+                                      f"position of the {name} stream ({item}): it was written by a run without it.")
+      extras[item] = grain.checkpoint.CheckpointRestore(it)
+    if data_iter is not None:
+      extras["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-        meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(), **extras))
     return restored.state, restored.meta
 
   def save_best(self, step: int, variables, val_auc: float) -> None:

@@ -158,6 +158,11 @@ def _group_size_fits(k, devices, processes) -> bool:
   return not in_range(k, integer=True, minimum=1) or (k % devices == 0 and k % processes == 0)
 
 
+def _paired_batch_fits(b, devices, processes, paired, stage, unpaired) -> bool:
+  pairs = stage in methods.METHODS and methods.get(stage).pairs and unpaired is not True  # On pairs (spec 9).
+  return not (paired is True or pairs) or _group_size_fits(b, devices, processes)
+
+
 def _heads_divide_embed_dim(heads, embed_dim, variant, use_pro, prototypes) -> bool:
   heads = qformer.DEFAULT_HEADS.get(variant) if heads is None else heads
   if not (use_pro is True and prototypes == "qformer"):
@@ -229,6 +234,10 @@ RULES: list[Rule] = [
     Rule(("data.group_size", "devices", "processes"), _group_size_fits,
          "a multiple of the number of devices and of the number of processes (each gets an equal share)"),
     number("data.paired_batch_size", integer=True, minimum=1),
+    Rule(("data.paired_batch_size", "devices", "processes"), _paired_batch_fits,
+         "a multiple of the number of devices and of the number of processes when the paired stream runs "
+         "(distill.paired=True or a stage trained on pairs; each gets an equal share of the pairs)",
+         uses=("distill.paired", "stage", "paired_method.unpaired")),
     number("data.eval_batch_size", integer=True, minimum=1),
     number("data.num_workers", integer=True, minimum=0),
     number("data.worker_buffer_size", integer=True, minimum=1),
@@ -307,6 +316,7 @@ RULES: list[Rule] = [
     choice("distill.level", pagkd.LEVELS),
     number("distill.embed_dim", integer=True, minimum=1),
     number("distill.warmup_epochs", minimum=0),
+    flag("distill.paired"),
     flag("distill.use_pro"),
     number("distill.lambda_pro", minimum=0, none="the variant's default"),
     choice("distill.prototypes", qformer.EXTRACTOR_KINDS),
@@ -344,6 +354,11 @@ RULES: list[Rule] = [
     Rule("distill.random_region_fractions", lambda f: is_sequence(f) and len(f) == 3
          and all(in_range(x, minimum=0) for x in f) and sum(f) > 0,
          "three numbers >= 0 with a positive sum (lesion, background, ambiguous)"),
+    flag("paired_method.unpaired"),
+    number("fitnets.weight", minimum=0),
+    number("add.warmup_epochs", minimum=0),
+    number("add.dense_weight", minimum=0),
+    number("add.logit_weight", minimum=0),
     # CRCKD (one rule per field of crckd.DEFAULTS; test_config_check checks that none is missing)
     number("crckd.embed_dim", integer=True, minimum=1),
     number("crckd.contrast_dim", integer=True, minimum=1),

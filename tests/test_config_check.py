@@ -21,7 +21,7 @@ SOURCES = "exactly one data source: data.synthetic.enabled=True (generated image
 # (overrides of configs/synthetic.py:smoke, the problems they must produce[, find_problems arguments]). TMP stands
 # for an existing folder holding the file "file.csv"; a line ending in "..." is matched up to there.
 BROKEN = [
-    ({"stage": "student"}, ["stage='student': expected one of 'teacher', 'baseline', 'pagkd', 'crckd'"]),
+    ({"stage": "student"}, ["stage='student': expected one of 'teacher', 'baseline', 'pagkd', 'crckd', 'kd', 'fitnets', 'add'"]),
     ({"seed": -1}, ["seed=-1: expected an integer >= 0"]),
     ({"data.manifest": "TMP/file.csv"}, [
         "data.synthetic.enabled=True, data.manifest='TMP/file.csv', data.root='', data.tfds_dir='': "
@@ -51,6 +51,15 @@ BROKEN = [
     ({"data.image_size": 64.0}, ["data.image_size=64.0: expected an integer >= 32"]),
     ({"data.min_image_size": -1}, ["data.min_image_size=-1: expected an integer >= 0"]),
     ({"data.group_size": 0}, ["data.group_size=0: expected an integer >= 1"]),
+    ({"data.paired_batch_size": 6, "distill.paired": True}, [
+        "data.paired_batch_size=6, devices=4, processes=1: expected a multiple of the number of devices and of the "
+        "number of processes when the paired stream runs (distill.paired=True or a stage trained on pairs; each gets "
+        "an equal share of the pairs)"], {"devices": 4}),
+    ({"data.paired_batch_size": 6, "stage": "kd"}, [
+        "data.paired_batch_size=6, devices=4, processes=1: expected a multiple of the number of devices and of the "
+        "number of processes when the paired stream runs (distill.paired=True or a stage trained on pairs; each gets "
+        "an equal share of the pairs)"], {"devices": 4}),
+    ({"distill.paired": 1}, ["distill.paired=1: expected True or False"]),
     ({"data.group_size": 6}, ["data.group_size=6, devices=4, processes=1: expected a multiple of the number of devices "
                               "and of the number of processes (each gets an equal share)"], {"devices": 4}),
     ({"data.group_size": 6}, ["data.group_size=6, devices=2, processes=4: expected a multiple of the number of devices "
@@ -222,12 +231,19 @@ BROKEN = [
     ({"crckd.bank_init_scale": 0.0}, [
         "crckd.bank_init_scale=0.0: expected None (1 / sqrt(crckd.contrast_dim / 3)) or a number > 0"]),
     ({"crckd.normalize_eps": 0.0}, ["crckd.normalize_eps=0.0: expected a number > 0"]),
+    ({"fitnets.weight": -1.0}, ["fitnets.weight=-1.0: expected a number >= 0"]),
+    ({"paired_method.unpaired": "yes"}, ["paired_method.unpaired='yes': expected True or False"]),
+    ({"add.warmup_epochs": -1.0}, ["add.warmup_epochs=-1.0: expected a number >= 0"]),
+    ({"add.dense_weight": "1"}, ["add.dense_weight='1': expected a number >= 0"]),
+    ({"add.logit_weight": -0.5}, ["add.logit_weight=-0.5: expected a number >= 0"]),
 ]
 
 # Edge values that are allowed.
 ALLOWED = [
     ({"data.fold": 4, "data.val_fraction": 0.0, "data.image_size": 32, "data.synthetic.image_size": 32}, {}),
     ({"data.group_size": 8}, {"devices": 8, "processes": 2}),
+    ({"data.paired_batch_size": 6}, {"devices": 4}),  # The paired stream is off: its batch size is not used.
+    ({"data.paired_batch_size": 6, "stage": "kd", "paired_method.unpaired": True}, {"devices": 4}),  # Nor here.
     ({"data.synthetic.enabled": False, "data.manifest": "TMP/file.csv"}, {}),
     ({"data.synthetic.enabled": False, "data.root": "TMP"}, {}),
     ({"data.synthetic.enabled": False, "data.synthetic.out": "", "data.synthetic.image_size": 16,

@@ -27,7 +27,8 @@ def _stage_rule() -> config_check.Rule:
 
 def test_the_config_check_allows_exactly_the_tables_stages():
   rule = _stage_rule()
-  assert methods.STAGES == tuple(methods.METHODS) == ("teacher", "baseline", "pagkd", "crckd")
+  assert methods.STAGES == tuple(methods.METHODS) == (
+      "teacher", "baseline", "pagkd", "crckd", "kd", "fitnets", "add")
   assert rule.allowed == "one of " + ", ".join(repr(s) for s in methods.METHODS)
   assert all(rule.ok(stage) for stage in methods.METHODS)
   assert not any(rule.ok(s) for s in ("student", "PaGKD", "", None, 1))
@@ -35,10 +36,11 @@ def test_the_config_check_allows_exactly_the_tables_stages():
 
 def test_an_unknown_stage_is_refused_naming_the_known_ones():
   with pytest.raises(ValueError, match=r"Unknown config.stage 'student'; expected one of \('teacher', 'baseline', "
-                                       r"'pagkd', 'crckd'\)"):
+                                       r"'pagkd', 'crckd', 'kd', 'fitnets', 'add'\)"):
     methods.get("student")
-  assert [methods.stage_modality(s) for s in methods.STAGES] == ["nbi", "wli", "wli", "wli"]
-  assert [methods.get(s).data_modalities for s in methods.STAGES] == [("nbi",), ("wli",), ("nbi", "wli"), ("wli",)]
+  assert [methods.stage_modality(s) for s in methods.STAGES] == ["nbi", "wli", "wli", "wli", "wli", "wli", "wli"]
+  assert [methods.get(s).data_modalities for s in methods.STAGES] == [("nbi",), ("wli",), ("nbi", "wli"), ("wli",),
+                                                                      ("nbi", "wli"), ("nbi", "wli"), ("nbi", "wli")]
 
 
 def test_trainer_config_check_and_data_split_import_no_method(repo_root):

@@ -97,6 +97,30 @@ def test_stratification_keeps_class_proportions():
       assert per_split["train"][label] == remaining - expected_val
 
 
+def test_classes_whose_strata_are_all_smaller_than_the_folds_are_split_on_the_label():
+  # 8 lesions a class: 3 WLI only, 3 NBI only, 2 paired. No stratum reaches 5 groups, which StratifiedKFold
+  # refuses ("n_splits=5 cannot be greater than the number of members in each class").
+  records = []
+  for label in range(3):
+    for lesion, modalities in enumerate([["wli"]] * 3 + [["nbi"]] * 3 + [["wli", "nbi"]] * 2):
+      for modality in modalities:
+        records.append(ImageRecord(path=f"/d/{label}_{lesion}_{modality}.png", modality=modality, label=label,
+                                   lesion_id=f"l{label}_{lesion}", pair_id=f"p{label}_{lesion}"
+                                   if len(modalities) == 2 else ""))
+  test_folds = collections.Counter()
+  for fold in range(5):
+    assigned = splits.assign_splits(records, num_folds=5, fold=fold, val_fraction=0.2, seed=0)
+    for group, names in _split_of_groups(records, assigned).items():
+      assert len(names) == 1
+      if names == {"test"}:
+        test_folds[group] += 1
+    label_of = {r.group_key: r.label for r in records}
+    test_groups = collections.Counter(label_of[g] for g, names in _split_of_groups(records, assigned).items()
+                                      if names == {"test"})
+    assert all(1 <= test_groups[label] <= 2 for label in range(3)), test_groups  # floor or ceil of 8 / 5 a class.
+  assert sorted(test_folds) == sorted({r.group_key for r in records}) and set(test_folds.values()) == {1}
+
+
 def test_splits_are_deterministic_per_seed_and_ignore_record_order():
   records = _dataset()
   first = splits.assign_splits(records, num_folds=5, fold=2, val_fraction=0.2, seed=7)

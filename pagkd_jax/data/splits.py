@@ -67,7 +67,7 @@ def assign_splits(
   """One of "train"/"val"/"test" per record; deterministic in `seed`.
 
   Test = fold `fold` of a shuffled `StratifiedKFold` over the groups (stratum = label and
-  modalities present). Validation = for every label, `round(val_fraction * n)` (at least 1 when
+  modalities present; the label alone when every stratum has fewer than `num_folds` groups). Validation = for every label, `round(val_fraction * n)` (at least 1 when
   `val_fraction > 0`) of its `n` remaining groups, chosen at random but spread evenly over the
   modality strata. A group never spans two splits.
 
@@ -99,6 +99,10 @@ def assign_splits(
   # previous one stopped; presenting the groups sorted by stratum keeps the strata of one label
   # adjacent, so every label (not only every stratum) gets floor or ceil of n / num_folds groups.
   by_stratum = np.argsort(strata, kind="stable")
+  if np.bincount(strata).max() < num_folds:
+    # Every stratum is smaller than num_folds (e.g. 8 lesions a class, as many WLI-only, NBI-only and paired ones),
+    # which StratifiedKFold refuses: the folds are stratified on the label alone (every label has num_folds groups).
+    strata = labels
   with warnings.catch_warnings():
     # Strata rarer than num_folds (e.g. a handful of paired lesions) are spread as far as they go.
     warnings.filterwarnings("ignore", message=".*least populated class.*")

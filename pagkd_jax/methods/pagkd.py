@@ -8,6 +8,15 @@ and the distillation heads share one optimiser. Distillation starts after `disti
 cross-entropy only (a `lax.cond`, so the warm-up does not pay for it). Until then the heads get no gradient, and,
 as torch's Adam does with such parameters, the optimiser leaves them and their Adam state untouched (the
 optimiser's `gated_params`, see `optimizer.make_optimizer`).
+
+With `distill.paired` ("PaGKD (all)", spec 8) the student also trains on the pairs of the training split: a paired
+stream (`streams.PairedStream`, one step before each class-group step) whose loss is CE on the paired WLI images
+plus, after the same warm-up, lambda_den times the per-image dense loss in both directions
+(`paired_losses.bidirectional_dense_pair_loss`, the release's form: relation values {1, 0, 0.5}, -1e9 fill, cosine
+loss), on the distillation heads' 1x1 embeddings (student_embed of the WLI map, teacher_embed of the frozen teacher's
+map of the paired NBI image) with each image's own CAM + PAR region labels. No GKD-Pro on paired batches. The
+class-group stream then draws the unpaired WLI images and all NBI images (`streams.unpaired_stream_records`).
+Not implemented: the paper's variant of the paired loss (SRCA per pair with the MSE).
 """
 
 import copy
@@ -25,7 +34,9 @@ from pagkd_jax import experiment
 from pagkd_jax import mesh as mesh_lib
 from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import pagkd
+from pagkd_jax.distill import paired_losses
 from pagkd_jax.methods import classifier
+from pagkd_jax.methods import streams
 from pagkd_jax.methods.classifier import flatten_groups, group_labels
 from pagkd_jax.training.train_state import TrainState
 
@@ -52,6 +63,15 @@ class PaGKDProgram:
   frozen: tuple
   modalities: tuple = ("wli", "nbi")
   gated_params: tuple = ("heads",)
+  paired: bool = False  # Also the paired stream (config.distill.paired).
+
+  @property
+  def extra_streams(self) -> tuple:
+    return (streams.PairedStream(make_paired_update_factory),) if self.paired else ()
+
+  def train_records(self, data) -> list:
+    """With the paired stream, the class-group stream's records are the release's split (spec 8)."""
+    return streams.unpaired_stream_records(data) if self.paired else data.select("train", None)
 
   def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
     """The student exactly as the baseline starts (`classifier.init_classifier` from `rng`, with `backbone`:
@@ -195,16 +215,72 @@ def make_pagkd_loss(model, heads, config, steps_per_epoch: int) -> Callable:
   return loss_fn
 
 
-def make_pagkd_update(model, heads, tx, config, steps_per_epoch: int) -> Callable:
-  """update(state, batch, teacher) -> (state, metrics): one optimiser step of `make_pagkd_loss`.
+def embed_tokens(features: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+  """A distillation head's bias-free 1x1 embedding (as its nn.Dense): (..., F) maps, (F, d) kernel -> (..., d)."""
+  return jnp.dot(features.astype(dtype), kernel.astype(dtype))
 
-  The update passes `gated_on` (distillation on at this step) to `tx`, so an optimiser built with
-  `gated_params=("heads",)` leaves the heads untouched while they get no gradient (any other `tx` ignores it).
+
+def make_paired_loss(model, config, steps_per_epoch: int) -> Callable:
+  """loss_fn(params, batch_stats, step, batch, teacher) -> (loss, (terms, new_batch_stats)) of a paired batch.
+
+  params = {"student", "heads"} (as `make_pagkd_loss`); batch = {"wli", "nbi": (B, H, W, 3) uint8, "label": (B,)},
+  row i of both images the same pair. L = CE(student(WLI)) + lambda_den * L_dense, L_dense (from step
+  `warmup_epochs * steps_per_epoch` on, 0 before) = `paired_losses.bidirectional_dense_pair_loss` of the (B, h, w, d)
+  tokens student_embed(student layer4 map of WLI) and teacher_embed(frozen teacher's layer4 map of NBI), with
+  relation value 0.5 for ambiguous positions and each image's CAM + PAR region labels (spec 5.1-5.3).
   """
-  loss_fn = make_pagkd_loss(model, heads, config, steps_per_epoch)
+  from pagkd_jax.models.resnet import DTYPES
   d = config.distill
-  heads_trained = bool((d.use_pro and pagkd.resolved(d, "lambda_pro")) or (d.use_den and d.lambda_den))
-  heads_from = experiment.distillation_warmup_steps(config, steps_per_epoch)  # As make_pagkd_loss's warm-up.
+  lambda_den = d.lambda_den if d.use_den else 0.0
+  warmup_steps = experiment.distillation_warmup_steps(config, steps_per_epoch)
+  normalization = config.data.normalization
+  dtype = DTYPES[config.model.dtype]
+
+  def loss_fn(params, batch_stats, step, batch, teacher):
+    labels = batch["label"]
+    x_wli = normalize_images(batch["wli"], normalization)
+    x_nbi = normalize_images(batch["nbi"], normalization)
+    (logits, s_features), new_vars = model.apply(
+        {"params": params["student"], "batch_stats": batch_stats["student"]}, x_wli, train=True,
+        mutable=["batch_stats"])
+    loss_cls = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    def dense(params, s_features):
+      _, t_features = model.apply(teacher, x_nbi, train=False)
+      t_features = jax.lax.stop_gradient(t_features)
+      t_kernel = jax.lax.stop_gradient(teacher["params"]["fc"]["kernel"])
+      regions_wli = pagkd.region_labels(x_wli, s_features, params["student"]["fc"]["kernel"], labels, d)
+      regions_nbi = pagkd.region_labels(x_nbi, t_features, t_kernel, labels, d)
+      tokens_wli = embed_tokens(s_features, params["heads"]["student_embed"]["kernel"], dtype)
+      tokens_nbi = embed_tokens(t_features, params["heads"]["teacher_embed"]["kernel"], dtype)
+      return paired_losses.bidirectional_dense_pair_loss(tokens_wli, tokens_nbi, regions_wli, regions_nbi,
+                                                         paired_losses.PAGKD_AMBIGUOUS_WEIGHT)
+
+    if lambda_den:
+      loss_dense = jax.lax.cond(step >= warmup_steps, dense, lambda *_: jnp.zeros((), jnp.float32), params,
+                                s_features)
+    else:
+      loss_dense = jnp.zeros((), jnp.float32)
+    loss = loss_cls + lambda_den * loss_dense
+    terms = {"loss_cls": loss_cls, "loss_dense": loss_dense, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+             "distill_on": (step >= warmup_steps).astype(jnp.float32)}
+    return loss, (terms, {"student": new_vars["batch_stats"]})
+
+  return loss_fn
+
+
+def make_paired_update_factory(model, tx, config, steps_per_epoch: int) -> Callable:
+  """update(state, batch, teacher) -> (state, metrics): one optimiser step of `make_paired_loss` (the heads are
+  updated, `gated_on`, from the warm-up's end on when the dense loss is on)."""
+  d = config.distill
+  heads_trained = bool(d.use_den and d.lambda_den)
+  return _gated_update(make_paired_loss(model, config, steps_per_epoch), tx, heads_trained,
+                       experiment.distillation_warmup_steps(config, steps_per_epoch))
+
+
+def _gated_update(loss_fn: Callable, tx, heads_trained: bool, heads_from: int) -> Callable:
+  """update(state, batch, teacher) of `loss_fn(params, batch_stats, step, batch, teacher)`, passing `gated_on`
+  (the heads are trained at this step) to `tx`."""
   tx = optax.with_extra_args_support(tx)
 
   def update(state: TrainState, batch, teacher):
@@ -219,6 +295,19 @@ def make_pagkd_update(model, heads, tx, config, steps_per_epoch: int) -> Callabl
     return new_state, metrics
 
   return update
+
+
+def make_pagkd_update(model, heads, tx, config, steps_per_epoch: int) -> Callable:
+  """update(state, batch, teacher) -> (state, metrics): one optimiser step of `make_pagkd_loss`.
+
+  The update passes `gated_on` (distillation on at this step) to `tx`, so an optimiser built with
+  `gated_params=("heads",)` leaves the heads untouched while they get no gradient (any other `tx` ignores it).
+  """
+  loss_fn = make_pagkd_loss(model, heads, config, steps_per_epoch)
+  d = config.distill
+  heads_trained = bool((d.use_pro and pagkd.resolved(d, "lambda_pro")) or (d.use_den and d.lambda_den))
+  heads_from = experiment.distillation_warmup_steps(config, steps_per_epoch)  # As make_pagkd_loss's warm-up.
+  return _gated_update(loss_fn, tx, heads_trained, heads_from)
 
 
 def teacher_config(config):
@@ -250,18 +339,29 @@ def load_teacher(teacher_dir: str, config, model) -> Any:
   return variables
 
 
-def train(config, workdir: str, run_stage: Callable) -> dict:
-  """Stage 2, with stage 1 first when needed: trains the NBI teacher in WORKDIR/teacher unless
-  `config.teacher.workdir` names one (both resume), then the student in WORKDIR."""
+def nbi_teacher(config, workdir: str, run_stage: Callable, needs_pairs: bool = False):
+  """The frozen NBI teacher of a method that distils from it (stage "pagkd", the paired comparison methods): trained
+  as stage "teacher" in WORKDIR/teacher unless `config.teacher.workdir` names one (both resume), then its best
+  variables. With `needs_pairs`, fewer training pairs than data.paired_batch_size raise ValueError naming the count
+  before the teacher is trained (nothing is decoded for that check)."""
   workdir = os.path.abspath(workdir)
+  if needs_pairs:
+    from pagkd_jax.data import pairs as pairs_lib
+    pairs_lib.require_pairs(streams.training_pairs(experiment.load_split_data(config)),
+                            config.data.paired_batch_size)
   teacher_dir = config.teacher.workdir or os.path.join(workdir, "teacher")
   if not config.teacher.workdir:
     logging.info("Stage 1: NBI teacher in %s", teacher_dir)
     run_stage(teacher_config(config), teacher_dir, classifier.ClassifierProgram("nbi"))
   elif not os.path.isdir(teacher_dir):
     raise FileNotFoundError(f"config.teacher.workdir={teacher_dir} does not exist.")
-  model = experiment.build_model(config)
-  teacher = load_teacher(teacher_dir, config, model)
+  return load_teacher(teacher_dir, config, experiment.build_model(config))
+
+
+def train(config, workdir: str, run_stage: Callable) -> dict:
+  """Stage 2, with stage 1 first when needed: trains the NBI teacher in WORKDIR/teacher unless
+  `config.teacher.workdir` names one (both resume), then the student in WORKDIR."""
+  teacher = nbi_teacher(config, workdir, run_stage, needs_pairs=bool(config.distill.paired))
   logging.info("Stage 2: WLI student with %s-variant %s-level distillation in %s", config.distill.variant,
                config.distill.level, workdir)
-  return run_stage(config, workdir, PaGKDProgram(frozen=(teacher,)))
+  return run_stage(config, workdir, PaGKDProgram(frozen=(teacher,), paired=bool(config.distill.paired)))

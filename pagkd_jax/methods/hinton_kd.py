@@ -1,0 +1,95 @@
+"""Hinton knowledge distillation on pairs (stage "kd", spec 9): one of the paired comparison methods the paper reports.
+
+The NBI teacher first (as stage "pagkd": trained in WORKDIR/teacher unless `config.teacher.workdir` names one), then
+a WLI classifier trained on the pairs of the training split alone: each step takes `data.paired_batch_size` pairs
+(`streams.PairedStream`: both images of a pair under one augmentation draw; the class-group stream does not run) and
+minimises
+
+  L = CE(student(WLI), label) + T^2 KL(softmax(teacher(NBI) / T) || softmax(student(WLI) / T)),  T = 4,
+
+the teacher in inference mode (BatchNorm running statistics) under stop_gradient (`paired_losses.hinton_kd_loss`).
+There is no warm-up: the KD term is on from the first step. The shipped model is the student alone (a plain
+classifier). What a method supplies: the `pagkd_jax.methods` docstring.
+
+With `paired_method.unpaired` ("+ unpaired", the paper's fair setting) the same loss is trained on the class-group
+stream over every training image instead, each WLI image with a random NBI image of its class
+(`streams.groups_as_pairs`), and the data need no pairs.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pagkd_jax.data.normalization import normalize_images
+from pagkd_jax.distill import paired_losses
+from pagkd_jax.methods import classifier
+from pagkd_jax.methods import pagkd as pagkd_method
+from pagkd_jax.methods import streams
+from pagkd_jax.training.train_state import TrainState, create_train_state
+
+
+def make_kd_loss(model, config) -> Callable:
+  """loss_fn(params, batch_stats, batch, teacher) -> (loss, (terms, new_batch_stats)) of a paired batch.
+
+  params, batch_stats: the student's; batch = {"wli", "nbi": (B, H, W, 3) uint8, "label": (B,) int32}, row i of both
+  images the same pair; teacher: the frozen NBI teacher's {"params", "batch_stats"}.
+  L = CE(student logits of WLI) + paired_losses.hinton_kd_loss(student logits, teacher logits of NBI).
+  """
+  normalization = config.data.normalization
+
+  def loss_fn(params, batch_stats, batch, teacher):
+    labels = batch["label"]
+    x_wli = normalize_images(batch["wli"], normalization)
+    x_nbi = normalize_images(batch["nbi"], normalization)
+    (logits, _), new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x_wli, train=True,
+                                        mutable=["batch_stats"])
+    t_logits, _ = model.apply(teacher, x_nbi, train=False)
+    loss_cls = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss_kd = paired_losses.hinton_kd_loss(logits, jax.lax.stop_gradient(t_logits))
+    terms = {"loss_cls": loss_cls, "loss_kd": loss_kd, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    return loss_cls + loss_kd, (terms, new_vars["batch_stats"])
+
+  return loss_fn
+
+
+def make_kd_update(model, tx, config, steps_per_epoch: int) -> Callable:
+  """update(state, batch, teacher) -> (state, metrics): one optimiser step of `make_kd_loss`."""
+  del steps_per_epoch  # No schedule of its own beyond the optimiser's.
+  loss_fn = make_kd_loss(model, config)
+
+  def update(state: TrainState, batch, teacher):
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, batch, teacher)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {"loss": loss, **terms,
+               "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=batch_stats, opt_state=opt_state), metrics
+
+  return update
+
+
+@dataclasses.dataclass(frozen=True)
+class HintonKDProgram(streams.PairedMethodProgram):
+  """What `trainer.run_stage` trains in stage "kd": the WLI classifier, on the paired stream alone or "+ unpaired"
+  (`streams.PairedMethodProgram`). `frozen` = (teacher variables,)."""
+
+  paired_update = staticmethod(make_kd_update)
+
+  def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
+    """The student exactly as the baseline starts (`classifier.init_classifier`)."""
+    return create_train_state(classifier.init_classifier(model, rng, config, backbone), tx)
+
+  def eval_variables(self, state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def train(config, workdir: str, run_stage: Callable) -> dict:
+  """The NBI teacher (trained in WORKDIR/teacher unless config.teacher.workdir names one; fewer training pairs than
+  data.paired_batch_size fail before it), then the KD student in `workdir`."""
+  unpaired = bool(config.paired_method.unpaired)
+  teacher = pagkd_method.nbi_teacher(config, workdir, run_stage, needs_pairs=not unpaired)
+  return run_stage(config, workdir, HintonKDProgram(frozen=(teacher,), unpaired=unpaired))
