@@ -5,7 +5,6 @@ equal to the uninterrupted run bitwise (banks and teacher included), and one upd
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap

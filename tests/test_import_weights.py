@@ -2,7 +2,6 @@
 training. (Numerical parity with PyTorch: test_torch_parity.py.)"""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -19,7 +19,7 @@ from pagkd_jax.distill import prototype_loss
 from pagkd_jax.distill import qformer
 from pagkd_jax.methods import pagkd as pagkd_method
 from pagkd_jax.methods.classifier import flatten_groups
-from test_pagkd_step import C, K, S, _setup
+from test_pagkd_step import C, K, _setup
 
 
 # ---- shuffled training labels ---------------------------------------------------------------------------------

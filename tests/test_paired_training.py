@@ -19,7 +19,7 @@ from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.methods import classifier
 from pagkd_jax.methods import streams
 from pagkd_jax.training import trainer
-from subprocess_env import env_with_xla_flags
+from subprocess_env import env_with_xla_flags, run_on_host_devices
 from training_configs import tiny_synthetic_config
 
 
@@ -355,8 +355,4 @@ PAIRED_ON_EIGHT_DEVICES = textwrap.dedent("""
 
 @pytest.mark.numerics
 def test_pagkd_paired_update_on_one_and_eight_devices_agrees(repo_root):
-  env = env_with_xla_flags("--xla_force_host_platform_device_count=8", PYTHONPATH=str(repo_root))
-  result = subprocess.run([sys.executable, "-c", PAIRED_ON_EIGHT_DEVICES], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=repo_root)
-  assert result.returncode == 0, result.stderr[-4000:]
-  assert "OK" in result.stdout
+  run_on_host_devices(PAIRED_ON_EIGHT_DEVICES, repo_root, timeout=900)

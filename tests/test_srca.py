@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pagkd_jax.distill import relations, srca
+from pagkd_jax.distill import srca
 
 G, K, H, W, D = 3, 2, 3, 3, 8
 L = K * H * W  # 18: no other axis of the test tensors has this size.

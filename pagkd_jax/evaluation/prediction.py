@@ -22,7 +22,6 @@ overlay written for the row, with `cams_dir`); one row per input image, in input
 
 import csv
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Sequence

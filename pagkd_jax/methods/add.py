@@ -89,16 +89,7 @@ def make_add_update(model, tx, config, steps_per_epoch: int) -> Callable:
   """update(state, batch, teacher) -> (state, metrics): one optimiser step of `make_add_loss`."""
   loss_fn = make_add_loss(model, config, steps_per_epoch)
 
-  def update(state: TrainState, batch, teacher):
-    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, state.step, batch, teacher)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics = {"loss": loss, **terms,
-               "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         batch_stats=batch_stats, opt_state=opt_state), metrics
-
-  return update
+  return streams.gradient_update(loss_fn, tx)
 
 
 @dataclasses.dataclass(frozen=True)

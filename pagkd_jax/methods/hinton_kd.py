@@ -60,16 +60,8 @@ def make_kd_update(model, tx, config, steps_per_epoch: int) -> Callable:
   del steps_per_epoch  # No schedule of its own beyond the optimiser's.
   loss_fn = make_kd_loss(model, config)
 
-  def update(state: TrainState, batch, teacher):
-    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch, teacher)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics = {"loss": loss, **terms,
-               "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         batch_stats=batch_stats, opt_state=opt_state), metrics
-
-  return update
+  return streams.gradient_update(lambda params, batch_stats, step, batch, teacher: loss_fn(
+      params, batch_stats, batch, teacher), tx)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,9 +10,28 @@ import dataclasses
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import optax
 
 from pagkd_jax.data import pair_batches
 from pagkd_jax.data import pairs as pairs_lib
+
+
+def gradient_update(loss_fn: Callable, tx) -> Callable:
+  """update(state, batch, teacher) -> (state, metrics): one optimiser step of
+  loss_fn(params, batch_stats, step, batch, teacher) -> (loss, (terms, new batch_stats)); metrics are the loss, the
+  terms and the global gradient norm. The update of every method trained on pairs (KD, FitNets, ADD)."""
+
+  def update(state, batch, teacher):
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, state.step, batch, teacher)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {"loss": loss, **terms,
+               "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=batch_stats, opt_state=opt_state), metrics
+
+  return update
 
 
 def training_pairs(data) -> list[pairs_lib.Pair]:
