@@ -2,6 +2,8 @@
 
   python train.py --config=configs/synthetic.py --workdir=runs/synthetic          # the demo budget
   python train.py --config=configs/synthetic.py:smoke --workdir=/tmp/smoke       # a CPU run of minutes
+  python train.py --config=configs/synthetic.py:paired --config.distill.paired=True --workdir=runs/paired
+      # 30 % of the lesions seen in both modalities (pairs): PaGKD (all) and the paired methods (kd, fitnets, add)
 
 The images are written to data/synthetic_endoscopy/<size>px_<lesions>l/ beside this repository (ignored by git).
 """
@@ -13,7 +15,8 @@ from pagkd_jax import base_config
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-ARGS = ("smoke",)  # The accepted `:ARG` values besides none.
+ARGS = ("smoke", "paired")  # The accepted `:ARG` values besides none.
+PAIRED_FRACTION = 0.3  # `paired`: the share of lesions imaged in both modalities.
 
 
 def get_config(arg: str | None = None):
@@ -48,10 +51,13 @@ def get_config(arg: str | None = None):
   if arg == "smoke":  # The same images, two thirds of the epochs: both stages in about 3 minutes on 2 CPU cores.
     config.train.epochs = 40.0
     config.train.log_every_steps = 20
+  elif arg == "paired":  # The same budget on data where some lesions are pairs (spec 8, 9).
+    data.synthetic.paired_fraction = PAIRED_FRACTION
   elif arg:
-    raise ValueError(f"Unknown argument {arg!r} for configs/synthetic.py; expected nothing or 'smoke'.")
+    raise ValueError(f"Unknown argument {arg!r} for configs/synthetic.py; expected nothing, 'smoke' or 'paired'.")
 
   s = data.synthetic
+  paired = f"_paired{s.paired_fraction:g}" if s.paired_fraction else ""
   s.out = os.path.join(_REPO, "data", "synthetic_endoscopy",
-                       f"{s.image_size}px_{s.lesions_per_class}l_{s.images_per_lesion}v_seed{s.seed}")
+                       f"{s.image_size}px_{s.lesions_per_class}l_{s.images_per_lesion}v{paired}_seed{s.seed}")
   return config

@@ -9,8 +9,9 @@ and the diagnostics.
   python scripts/ablations.py --config=configs/transfer.py --pretrain_config=configs/transfer.py:pretrain \
       --arms=transfer --seeds=0,1,2,3,4 --root=runs/transfer      # the transfer benchmark, every arm
 
---arms takes arm names and sets of arms ("ablations": the paper's, the default; "transfer": every arm, with the
-negative controls and the oracle). Per seed each NBI teacher is trained once (ROOT/seed<S>/teacher, and
+--arms takes arm names and sets of arms ("ablations": the paper's, the default; "transfer": the transfer benchmark's,
+with the negative controls, the oracle and CRCKD; "paired": the paper's comparison on data with pairs, PaGKD (all)
+and the paired methods KD, FitNets, ADD with their "+ unpaired" variants). Per seed each NBI teacher is trained once (ROOT/seed<S>/teacher, and
 ROOT/seed<S>/teacher_shuffled for the shuffled-label control) and every student arm reuses its teacher through
 `--config.teacher.workdir`. An arm runs on --config, or on --config's file with its own preset argument (the
 oracle: `configs/transfer.py:oracle`), or on the preset given by `--arm_config=ARM=PRESET`. With
@@ -40,6 +41,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from pagkd_jax import methods
 from pagkd_jax.tools.script_runs import finished_record, load_preset, run_logged
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -52,12 +54,13 @@ RUN_RECORD = "ablation_run.json"
 class Arm:
   name: str
   title: str
-  stage: str  # A stage of the methods table ("teacher", "baseline", "pagkd", "crckd").
+  stage: str  # A stage of the methods table ("teacher", "baseline", "pagkd", "crckd", "kd", ...).
   overrides: tuple[str, ...] = ()
-  teacher: str = "teacher"  # Stage 2: the teacher arm (of the same seed) it distils from.
+  teacher: str = "teacher"  # A student of the NBI teacher: the teacher arm (of the same seed) it distils from.
   preset_arg: str | None = None  # Runs on the preset file of --config with this argument (e.g. "oracle").
   negative_control: bool = False  # Distillation that a correct implementation must not let beat the control.
   preregistered: bool = True  # False: added after the criterion was committed (reported, marked exploratory).
+  needs_pairs: bool = False  # Trains on the pairs of the training split (the data must have them).
 
 
 ARMS = {a.name: a for a in (
@@ -89,12 +92,26 @@ ARMS = {a.name: a for a in (
     # correspondence, which the group losses can learn as well as the true one; a shift drawn per step keeps none.
     Arm("neg_shift_per_step", "negative control: teacher groups of another class drawn at every step", "pagkd",
         ("--config.distill.teacher_class_shift_per_step=True",), negative_control=True, preregistered=False),
+    # The paired stream and the paired comparison methods (spec 8, 9): data with pairs (synthetic paired_fraction,
+    # a manifest's pair_id); the "+ unpaired" variants train on the class-group batches and need none.
+    Arm("pagkd_all", "PaGKD (all): the unpaired groups and the paired stream", "pagkd", ("--config.distill.paired=True",),
+        needs_pairs=True),
+    Arm("kd", "Hinton KD on the pairs", "kd", needs_pairs=True),
+    Arm("kd_unpaired", "Hinton KD + unpaired", "kd", ("--config.paired_method.unpaired=True",)),
+    Arm("fitnets", "FitNets on the pairs", "fitnets", needs_pairs=True),
+    Arm("fitnets_unpaired", "FitNets + unpaired", "fitnets", ("--config.paired_method.unpaired=True",)),
+    Arm("add", "ADD on the pairs", "add", needs_pairs=True),
+    Arm("add_unpaired", "ADD + unpaired", "add", ("--config.paired_method.unpaired=True",)),
 )}
+_PAIRED_METHOD_ARMS = ("pagkd_all", "kd", "kd_unpaired", "fitnets", "fitnets_unpaired", "add", "add_unpaired")
 # Named sets of arms for --arms: the paper's ablations (the default), and the transfer benchmark (every arm).
 ARM_SETS = {
     "ablations": ("teacher", "baseline", "no_distill", "pro_only", "den_only", "pro_den_paper", "pro_den_release",
                   "image_level"),
-    "transfer": tuple(ARMS),
+    "transfer": tuple(a for a in ARMS if a not in _PAIRED_METHOD_ARMS),
+    # The paper's comparison on data with pairs: PaGKD with and without the paired stream, the paired methods and
+    # their "+ unpaired" variants, CRCKD, against the WLI baseline and the control.
+    "paired": ("teacher", "baseline", "no_distill", "pro_den_paper", *_PAIRED_METHOD_ARMS, "crckd"),
 }
 PRETRAIN_DIR = "pretrain"
 PRETRAIN_RECORD = "pretrain_run.json"
@@ -135,7 +152,7 @@ def resolve_arms(names: list[str]) -> list[Arm]:
       if arm not in wanted:
         wanted.append(arm)
   for name in list(wanted):
-    if ARMS[name].stage == "pagkd" and ARMS[name].teacher not in wanted:
+    if distils_from_teacher(ARMS[name]) and ARMS[name].teacher not in wanted:
       wanted.append(ARMS[name].teacher)  # Every student arm needs its seed's teacher.
   arms = [ARMS[a] for a in wanted]
   arms.sort(key=lambda a: a.stage != "teacher")
@@ -167,13 +184,19 @@ def epoch_overrides(config, scale: float) -> list[str]:
           f"--config.optim.warmup_epochs={config.optim.warmup_epochs * scale:g}"]
 
 
+def distils_from_teacher(arm: Arm) -> bool:
+  """Whether the arm's method trains a WLI student from the seed's NBI teacher (PaGKD, KD, FitNets, ADD)."""
+  method = methods.get(arm.stage)
+  return method.modality == "wli" and "nbi" in method.data_modalities
+
+
 def train_args(arm: Arm, seed: int, root: pathlib.Path, config_spec: str, common: list[str],
                init_from: pathlib.Path | None = None, teacher_root: pathlib.Path | None = None) -> list[str]:
   """train.py's arguments for one run (`init_from`: the seed's pretraining workdir, or None; `teacher_root`: where
   the seed's teachers are, `root` by default)."""
   args = [f"--config={config_spec}", f"--workdir={root / f'seed{seed}' / arm.name}", f"--config.stage={arm.stage}",
           f"--config.seed={seed}", *common, *arm.overrides]
-  if arm.stage == "pagkd":
+  if distils_from_teacher(arm):
     args.append(f"--config.teacher.workdir={(teacher_root or root) / f'seed{seed}' / arm.teacher}")
   if init_from is not None:
     args.append(f"--config.model.init_from={init_from}")

@@ -132,7 +132,18 @@ def test_arm_sets_teachers_presets_and_pretraining(tmp_path):
   arms = names(ablations.resolve_arms(["neg_shuffled_teacher", "baseline", "baseline"]))
   assert arms == ["teacher_shuffled", "neg_shuffled_teacher", "baseline"]  # Its own teacher; no duplicates.
   transfer = names(ablations.resolve_arms(["transfer"]))
-  assert sorted(transfer) == sorted(ablations.ARMS) and transfer[:2] == ["teacher", "teacher_shuffled"]
+  paired_only = {name for name, arm in ablations.ARMS.items() if arm.needs_pairs}
+  assert paired_only == {"pagkd_all", "kd", "fitnets", "add"}
+  assert set(transfer) == set(ablations.ARMS) - {"pagkd_all", "kd", "kd_unpaired", "fitnets", "fitnets_unpaired",
+                                                  "add", "add_unpaired"}
+  assert transfer[:2] == ["teacher", "teacher_shuffled"]
+  assert not paired_only & set(transfer)  # The transfer regime has no pairs.
+  assert paired_only <= set(ablations.ARM_SETS["paired"])
+  for name in ("kd", "fitnets_unpaired", "add", "pagkd_all"):  # Students of the seed's NBI teacher.
+    assert names(ablations.resolve_arms([name])) == ["teacher", name]
+    args = ablations.train_args(ablations.ARMS[name], 1, tmp_path, "configs/synthetic.py:paired", [])
+    assert f"--config.teacher.workdir={tmp_path / 'seed1' / 'teacher'}" in args, name
+  assert "--config.paired_method.unpaired=True" in ablations.ARMS["kd_unpaired"].overrides
   with pytest.raises(ValueError, match="Unknown arm 'nope'"):
     ablations.resolve_arms(["pro_only", "nope"])
 
