@@ -17,6 +17,7 @@ from pagkd_jax.methods import hinton_kd
 from pagkd_jax.models import resnet
 from pagkd_jax.training import optimizer
 from pagkd_jax.training import trainer
+from pagkd_jax.training.train_state import TrainState
 from subprocess_env import env_with_xla_flags
 from training_configs import tiny_synthetic_config
 
@@ -113,7 +114,7 @@ def test_the_unpaired_variant_pairs_each_wli_image_with_a_random_nbi_image_of_it
            "nbi": np.broadcast_to(codes[..., None, None, None] + 50, (c, k, 2, 2, 3)).astype(np.float32),
            "label": np.arange(c, dtype=np.int32)}
   for step in (0, 1):
-    state = hinton_kd.TrainState(step=jnp.int32(step), params={}, batch_stats={}, opt_state=())
+    state = TrainState(step=jnp.int32(step), params={}, batch_stats={}, opt_state=())
     _, pairs = update(state, batch)
     wli, nbi, label = (np.asarray(pairs[key]) for key in ("wli", "nbi", "label"))
     assert wli.shape == nbi.shape == (k * c, 2, 2, 3) and label.shape == (k * c,)

@@ -32,10 +32,8 @@ import optax
 from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import pagkd
 from pagkd_jax.distill import paired_losses
-from pagkd_jax.methods import classifier
 from pagkd_jax.methods import pagkd as pagkd_method
 from pagkd_jax.methods import streams
-from pagkd_jax.training.train_state import TrainState, create_train_state
 
 
 def warmup_steps(config, steps_per_epoch: int) -> int:
@@ -99,17 +97,10 @@ class ADDProgram(streams.PairedMethodProgram):
 
   paired_update = staticmethod(make_add_update)
 
-  def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
-    """The student exactly as the baseline starts (`classifier.init_classifier`)."""
-    return create_train_state(classifier.init_classifier(model, rng, config, backbone), tx)
-
   def selection_warmup_steps(self, config, steps_per_epoch: int) -> int:
     """The CE-only warm-up: with `train.select_after_warmup`, the best checkpoint is chosen among the steps after
     it."""
     return warmup_steps(config, steps_per_epoch)
-
-  def eval_variables(self, state: TrainState) -> dict:
-    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def train(config, workdir: str, run_stage: Callable) -> dict:

@@ -25,10 +25,8 @@ import optax
 
 from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import paired_losses
-from pagkd_jax.methods import classifier
 from pagkd_jax.methods import pagkd as pagkd_method
 from pagkd_jax.methods import streams
-from pagkd_jax.training.train_state import TrainState, create_train_state
 
 
 def make_kd_loss(model, config) -> Callable:
@@ -70,13 +68,6 @@ class HintonKDProgram(streams.PairedMethodProgram):
   (`streams.PairedMethodProgram`). `frozen` = (teacher variables,)."""
 
   paired_update = staticmethod(make_kd_update)
-
-  def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
-    """The student exactly as the baseline starts (`classifier.init_classifier`)."""
-    return create_train_state(classifier.init_classifier(model, rng, config, backbone), tx)
-
-  def eval_variables(self, state: TrainState) -> dict:
-    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def train(config, workdir: str, run_stage: Callable) -> dict:

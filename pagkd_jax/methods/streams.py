@@ -15,6 +15,9 @@ import optax
 
 from pagkd_jax.data import pair_batches
 from pagkd_jax.data import pairs as pairs_lib
+from pagkd_jax.distill import pagkd
+from pagkd_jax.methods import classifier
+from pagkd_jax.training.train_state import TrainState, create_train_state
 
 
 def gradient_update(loss_fn: Callable, tx) -> Callable:
@@ -55,14 +58,13 @@ def groups_as_pairs(paired_update: Callable, config) -> Callable:
   image with a random NBI image of its class (a permutation within each class drawn from the step, as the
   image-level ablation pairs them: `pagkd.pair_images`), and calls `paired_update(state, pairs, *frozen)` on
   {"wli", "nbi": (K * C, H, W, 3), "label": (K * C,)} (`classifier.flatten_groups` order)."""
-  from pagkd_jax.distill import pagkd
-  from pagkd_jax.methods.classifier import flatten_groups, group_labels
   key = jax.random.fold_in(jax.random.key(config.seed), UNPAIRED_PAIRING_TAG)
 
   def update(state, batch, *frozen):
     k = batch["wli"].shape[1]
     nbi = pagkd.pair_images(batch["nbi"], jax.random.fold_in(key, state.step))
-    pairs = {"wli": flatten_groups(batch["wli"]), "nbi": flatten_groups(nbi), "label": group_labels(batch["label"], k)}
+    pairs = {"wli": classifier.flatten_groups(batch["wli"]), "nbi": classifier.flatten_groups(nbi),
+             "label": classifier.group_labels(batch["label"], k)}
     return paired_update(state, pairs, *frozen)
 
   return update
@@ -107,8 +109,9 @@ class PairedStream:
 
 @dataclasses.dataclass(frozen=True)
 class PairedMethodProgram:
-  """The streams of a paired comparison method's program (spec 9; subclasses add init_state, eval_variables and the
-  class attribute `paired_update(model, tx, config, steps_per_epoch) -> update(state, pairs, *frozen)`).
+  """The streams of a paired comparison method's program (spec 9; subclasses add the class attribute
+  `paired_update(model, tx, config, steps_per_epoch) -> update(state, pairs, *frozen)`, and override init_state and
+  eval_variables when the state holds more than the WLI classifier).
 
   On pairs (`unpaired=False`): the paired stream alone (no modalities, so no class-group stream). "+ unpaired"
   (`unpaired=True`, config.paired_method.unpaired): the class-group stream over every training image instead, each
@@ -129,3 +132,10 @@ class PairedMethodProgram:
   def make_update(self, model, tx, config, steps_per_epoch: int) -> Callable:
     """The class-group update of the "+ unpaired" variant."""
     return groups_as_pairs(self.paired_update(model, tx, config, steps_per_epoch), config)
+
+  def init_state(self, model, tx, rng, config, backbone=None) -> TrainState:
+    """The student exactly as the baseline starts (`classifier.init_classifier`)."""
+    return create_train_state(classifier.init_classifier(model, rng, config, backbone), tx)
+
+  def eval_variables(self, state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
