@@ -143,9 +143,13 @@ def get_config() -> ml_collections.ConfigDict:
   d.warmup_epochs = 5.0  # Cross-entropy only before this.
   # "PaGKD (all)" (spec 8): also train on the pairs of the training split (data.paired_batch_size pairs a step, then
   # a class-group step of the unpaired WLI images and all NBI images): CE on the paired WLI images plus, after the
-  # warm-up, lambda_den times the per-image dense loss in both directions. Needs pairs (manifest pair_id,
+  # warm-up, lambda_den times a dense loss in both directions (paired_loss). Needs pairs (manifest pair_id,
   # data.synthetic.paired_fraction > 0).
   d.paired = False
+  # The paired stream's dense loss; None: the variant's. "paper": the SRCA of GKD-Den (spec 5.5) with each pair a group
+  # of one image per modality, the MSE over the valid queries, sharing the group loss's projections. "release": the
+  # release's per-image relation weights {1, 0, 0.5} with 1 - cos (runs saved before this option trained with it).
+  d.paired_loss = config_dict.placeholder(str)
   # GKD-Pro (spec 4).
   d.use_pro = True
   d.lambda_pro = config_dict.placeholder(float)  # None: 1 (paper) or 0.001 (release).
@@ -243,10 +247,13 @@ def apply_release_conventions(config: ml_collections.ConfigDict) -> ml_collectio
 
 
 # Config values added after runs were saved whose default is not what the code did before them: the value that
-# reproduces the earlier behaviour. A saved config.json without such a key is read with this value; without any
-# other added key, with its default (a new option's default keeps the old behaviour unless it is listed here).
+# reproduces the earlier behaviour, or a function of the saved config (as json) giving it. A saved config.json without
+# such a key is read with this value; without any other added key, with its default (a new option's default keeps
+# the old behaviour unless it is listed here).
 EARLIER_BEHAVIOUR = {
     "distill.par_resampling": "area",
+    # The paired stream trained with the release's loss; a run without it has no paired loss to keep.
+    "distill.paired_loss": lambda saved: "release" if saved.get("distill", {}).get("paired") is True else None,
 }
 
 
@@ -264,7 +271,8 @@ def complete_saved_config(saved: dict) -> tuple[dict, list[str]]:
           continue  # A value where a section is expected: left for the config check to name.
         fill(node.setdefault(key, {}), value, path + ".")
       elif key not in node:
-        node[key] = EARLIER_BEHAVIOUR.get(path, value)
+        earlier = EARLIER_BEHAVIOUR.get(path, value)
+        node[key] = earlier(saved) if callable(earlier) else earlier
         added.append(path)
 
   completed = copy.deepcopy(saved)

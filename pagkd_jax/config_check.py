@@ -181,6 +181,10 @@ def _per_step_shift_ok(per_step, classes, shift) -> bool:
   return per_step is not True or (is_sequence(classes) and len(classes) >= 3 and shift == 0)
 
 
+def _paired_loss_fits_variant(paired_loss, variant, paired, use_den) -> bool:
+  return not (paired is True and use_den is True and variant == "release" and paired_loss == "paper")
+
+
 def _synthetic_size_ok(synthetic_size, image_size, enabled) -> bool:
   return enabled is not True or not (is_int(synthetic_size) and is_int(image_size)) or synthetic_size >= image_size
 
@@ -317,6 +321,11 @@ RULES: list[Rule] = [
     number("distill.embed_dim", integer=True, minimum=1),
     number("distill.warmup_epochs", minimum=0),
     flag("distill.paired"),
+    Rule("distill.paired_loss", lambda v: v is None or v in pagkd.PAIRED_LOSSES,
+         "None (the variant's) or one of " + ", ".join(repr(x) for x in pagkd.PAIRED_LOSSES)),
+    Rule(("distill.paired_loss", "distill.variant"), _paired_loss_fits_variant,
+         "paired_loss 'release' or None with variant 'release' when the paired stream runs with GKD-Den (the "
+         "'paper' paired loss attends through the paper SRCA's projections)", uses=("distill.paired", "distill.use_den")),
     flag("distill.use_pro"),
     number("distill.lambda_pro", minimum=0, none="the variant's default"),
     choice("distill.prototypes", qformer.EXTRACTOR_KINDS),

@@ -195,6 +195,12 @@ BROKEN = [
     ({"distill.par_downscale": 0}, ["distill.par_downscale=0: expected an integer >= 1"]),
     ({"distill.par_temperature": 0.0}, ["distill.par_temperature=0.0: expected a number > 0"]),
     ({"distill.par_pos_weight": -0.01}, ["distill.par_pos_weight=-0.01: expected a number >= 0"]),
+    ({"distill.paired_loss": "srca"}, ["distill.paired_loss='srca': expected None (the variant's) or one of 'paper', "
+                                        "'release'"]),
+    ({"distill.paired_loss": "paper", "distill.variant": "release", "distill.paired": True}, [
+        "distill.paired_loss='paper', distill.variant='release': expected paired_loss 'release' or None with variant "
+        "'release' when the paired stream runs with GKD-Den (the 'paper' paired loss attends through the paper "
+        "SRCA's projections)"]),
     ({"distill.par_resampling": "nearest"}, ["distill.par_resampling='nearest': expected one of 'release', 'area'"]),
     ({"distill.teacher_class_shift": 0.5}, ["distill.teacher_class_shift=0.5: expected an integer"]),
     ({"distill.teacher_class_shift_per_step": 1}, [

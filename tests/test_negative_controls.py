@@ -302,15 +302,21 @@ def test_a_run_saved_before_a_changed_default_is_read_as_it_ran(tmp_path):
   old = base.get_config()
   del old.distill["par_resampling"]
   del old.distill["teacher_class_shift_per_step"]
+  del old.distill["paired_loss"]
   (tmp_path / "config.json").write_text(old.to_json_best_effort())
   loaded = evaluator.load_config(str(tmp_path))
   assert loaded.distill.par_resampling == "area" and loaded.distill.teacher_class_shift_per_step is False
-  assert base.get_config().distill.par_resampling == "release"
+  assert loaded.distill.paired_loss is None  # No paired stream: no paired loss to keep.
+  assert base.get_config().distill.par_resampling == "release" and base.get_config().distill.paired_loss is None
   completed, added = base.complete_saved_config(json.loads(old.to_json_best_effort()))
-  assert sorted(added) == ["distill.par_resampling", "distill.teacher_class_shift_per_step"]
+  assert sorted(added) == ["distill.paired_loss", "distill.par_resampling", "distill.teacher_class_shift_per_step"]
   assert completed["distill"]["par_resampling"] == "area"
   config = base.get_config()
   with pytest.raises(ValueError, match="distill.par_resampling: 'area' -> 'release'"):
     trainer.check_resume_config(config, str(tmp_path))
   config.distill.par_resampling = "area"
   trainer.check_resume_config(config, str(tmp_path))
+  # A PaGKD (all) run saved before distill.paired_loss trained its paired stream with the release's loss.
+  old.distill.paired = True
+  completed, _ = base.complete_saved_config(json.loads(old.to_json_best_effort()))
+  assert completed["distill"]["paired_loss"] == "release"

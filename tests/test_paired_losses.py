@@ -104,6 +104,49 @@ def test_identical_maps_with_one_label_reconstruct_nearly_exactly():
   assert float(paired_losses.dense_pair_loss(f, f, labels, labels)) < 1e-6
 
 
+def np_srca_pair_loss(f_wli, f_nbi, l_wli, l_nbi, w_q, w_k, bidirectional=True):
+  """The paper's paired dense loss, pair by pair and query by query (spec 5.5, 8): a query of one image attends over
+  the keys of its partner with its own (known) label; squared error pooled over the valid queries; mean of the
+  directions (NBI -> WLI: queries WLI; WLI -> NBI: queries NBI)."""
+  p = w_q.shape[1]
+  directions = [(f_wli, l_wli, f_nbi, l_nbi), (f_nbi, l_nbi, f_wli, l_wli)][:2 if bidirectional else 1]
+  losses = []
+  for f_q, l_q, f_k, l_k in directions:
+    err_sum, count = 0.0, 0
+    for i in range(f_q.shape[0]):
+      x_q = f_q[i].reshape(-1, f_q.shape[-1]).astype(np.float64)
+      x_k = f_k[i].reshape(-1, f_k.shape[-1]).astype(np.float64)
+      lq, lk = l_q[i].reshape(-1), l_k[i].reshape(-1)
+      for t in range(len(x_q)):
+        keys = [v for v in range(len(x_k)) if lq[t] != -1 and lk[v] == lq[t]]
+        if not keys:
+          continue
+        logits = np.array([(x_q[t] @ w_q) @ (x_k[v] @ w_k) / np.sqrt(p) for v in keys])
+        a = np.exp(logits - logits.max())
+        a /= a.sum()
+        recon = sum(a[j] * x_k[v] for j, v in enumerate(keys))
+        err_sum += np.mean((recon - x_q[t]) ** 2)
+        count += 1
+    losses.append(err_sum / max(count, 1))
+  return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_srca_pair_loss_matches_the_numpy_reference_and_keeps_each_pair_apart(bidirectional):
+  f_wli, f_nbi, l_wli, l_nbi = _maps(0), _maps(1), _labels(2), _labels(3)
+  l_wli[0] = -1  # A WLI image with no known label: its queries enter neither direction's loss.
+  module = srca.SRCA(proj_dim=2, bidirectional=bidirectional)
+  params = module.init(jax.random.key(4), *(jnp.asarray(x)[:, None] for x in (f_wli, f_nbi, l_wli, l_nbi)))["params"]
+  got = paired_losses.srca_pair_loss(params, jnp.asarray(f_wli), jnp.asarray(f_nbi), jnp.asarray(l_wli),
+                                     jnp.asarray(l_nbi), proj_dim=2, bidirectional=bidirectional)
+  want = np_srca_pair_loss(f_wli, f_nbi, l_wli, l_nbi, np.asarray(params["query"]["kernel"], np.float64),
+                           np.asarray(params["key"]["kernel"], np.float64), bidirectional)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  # Each pair is its own group: the B images as one group of B (attention across pairs) give another loss.
+  whole_batch, _ = module.apply({"params": params}, *(jnp.asarray(x)[None] for x in (f_wli, f_nbi, l_wli, l_nbi)))
+  assert abs(float(whole_batch) - want) > 1e-3
+
+
 def test_logit_alignment_matches_the_reference_and_leaves_the_teacher_alone():
   s, t = _maps(15, (B, C)), _maps(16, (B, C))
   want = np.mean([1.0 - _np_cos(s[i], t[i]) for i in range(B)])
@@ -163,5 +206,7 @@ def test_fitnets_matches_the_reference():
 def test_shapes_that_do_not_fit_are_named():
   with pytest.raises(ValueError, match=r"labels_key must be \(B, h, w\)"):
     paired_losses.dense_pair_loss(_maps(0), _maps(1), _labels(2), _labels(3, (B, W, H)))
+  with pytest.raises(ValueError, match="f_wli and f_nbi"):
+    paired_losses.srca_pair_loss({}, _maps(0), _maps(1, (B, W, H, D)), _labels(2), _labels(3))
   with pytest.raises(ValueError, match="student_logits and teacher_logits"):
     paired_losses.logit_alignment_loss(_maps(0, (B, C)), _maps(1, (B, C + 1)))

@@ -20,6 +20,7 @@ from pagkd_jax.methods import classifier
 from pagkd_jax.methods import streams
 from pagkd_jax.training import trainer
 from subprocess_env import env_with_xla_flags, run_on_host_devices
+from test_paired_losses import np_srca_pair_loss
 from training_configs import tiny_synthetic_config
 
 
@@ -167,7 +168,8 @@ def _np_dense(q, k, lq, lk, ambiguous):
   return np.mean(1 - cos)
 
 
-def test_paired_loss_is_cross_entropy_plus_lambda_times_both_directions_of_the_dense_loss():
+@pytest.mark.parametrize("paired_loss", ["paper", "release"])
+def test_paired_loss_is_cross_entropy_plus_lambda_times_both_directions_of_the_dense_loss(paired_loss):
   from pagkd_jax import base_config
   from pagkd_jax.distill import pagkd as pagkd_distill
   from pagkd_jax.methods import pagkd as pagkd_method
@@ -179,6 +181,8 @@ def test_paired_loss_is_cross_entropy_plus_lambda_times_both_directions_of_the_d
   config.stage, config.model.name, config.data.image_size = "pagkd", "tiny", s
   config.distill.warmup_epochs, config.distill.lambda_den = 1.0, 0.7  # Warm-up: 5 steps.
   config.distill.embed_dim, config.distill.num_queries, config.distill.qformer_heads = 16, 4, 4
+  if paired_loss == "release":
+    config.distill.paired_loss = "release"  # The paper variant's group losses, the release's paired loss.
   model = resnet.create_resnet("tiny", c)
   tx = optimizer.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5)
   state = pagkd_method.PaGKDProgram(frozen=()).init_state(model, tx, jax.random.key(0), config)
@@ -203,7 +207,12 @@ def test_paired_loss_is_cross_entropy_plus_lambda_times_both_directions_of_the_d
   t_nbi = np.asarray(f_nbi, np.float64) @ np.asarray(state.params["heads"]["teacher_embed"]["kernel"], np.float64)
   z = np.asarray(logits, np.float64)
   ce = np.mean(np.log(np.exp(z).sum(-1)) - z[np.arange(b), batch["label"]])
-  dense = _np_dense(t_nbi, t_wli, r_nbi, r_wli, 0.5) + _np_dense(t_wli, t_nbi, r_wli, r_nbi, 0.5)
+  if paired_loss == "paper":  # The group loss's SRCA projections, each pair a group of one.
+    srca_params = state.params["heads"]["srca"]
+    dense = np_srca_pair_loss(t_wli, t_nbi, r_wli, r_nbi, np.asarray(srca_params["query"]["kernel"], np.float64),
+                              np.asarray(srca_params["key"]["kernel"], np.float64))
+  else:
+    dense = _np_dense(t_nbi, t_wli, r_nbi, r_wli, 0.5) + _np_dense(t_wli, t_nbi, r_wli, r_nbi, 0.5)
   assert dense > 0
 
   loss, (terms, _) = loss_fn(state.params, state.batch_stats, jnp.int32(4), batch, teacher)  # Warm-up: CE only.

@@ -23,12 +23,16 @@ from pagkd_jax.distill import srca
 from pagkd_jax.models.cam import class_activation_map
 
 REGION_LABEL_SOURCES = ("cam_par", "random")
-VARIANT_DEFAULTS = {"paper": {"lambda_pro": 1.0}, "release": {"lambda_pro": 1e-3}}
+# The values whose None in config.distill means "the variant's": lambda_pro (spec 6) and the paired stream's dense
+# loss (spec 8: "paper" SRCA per pair with the MSE, "release" the per-image relation weights with 1 - cos).
+VARIANT_DEFAULTS = {"paper": {"lambda_pro": 1.0, "paired_loss": "paper"},
+                    "release": {"lambda_pro": 1e-3, "paired_loss": "release"}}
+PAIRED_LOSSES = ("paper", "release")
 LEVELS = ("group", "image")  # distill.level: PaGKD's class groups, or the image-level ablation.
 
 
 def resolved(distill_config, name: str):
-  """A distillation value whose None means "the variant's default" (lambda_pro)."""
+  """A distillation value whose None means "the variant's default" (lambda_pro, paired_loss)."""
   value = distill_config[name]
   return VARIANT_DEFAULTS[distill_config.variant][name] if value is None else value
 
@@ -43,6 +47,13 @@ def check_config(distill_config) -> None:
     raise ValueError(f"Unknown distill.prototypes {d.prototypes!r}; expected one of {qformer.EXTRACTOR_KINDS}.")
   if d.region_labels not in REGION_LABEL_SOURCES:
     raise ValueError(f"Unknown distill.region_labels {d.region_labels!r}; expected one of {REGION_LABEL_SOURCES}.")
+  paired_loss = resolved(d, "paired_loss")
+  if paired_loss not in PAIRED_LOSSES:
+    raise ValueError(f"Unknown distill.paired_loss {paired_loss!r}; expected one of {PAIRED_LOSSES} or None (the "
+                     "variant's).")
+  if d.paired and paired_loss == "paper" and d.variant == "release" and d.use_den:
+    raise ValueError("distill.paired_loss='paper' attends through the paper SRCA's query and key projections, which "
+                     "distill.variant='release' does not have; use paired_loss='release' (or None) with it.")
   fractions = tuple(d.random_region_fractions)
   if len(fractions) != 3 or min(fractions) < 0 or not sum(fractions) > 0:
     raise ValueError(f"distill.random_region_fractions={fractions!r} must be three non-negative probabilities "

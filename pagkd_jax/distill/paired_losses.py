@@ -1,8 +1,9 @@
 """Losses of the paired methods (spec 8 and 9): each WLI image of a batch of B pairs meets the NBI image of the same
 lesion (or, in the "+ unpaired" variants, a random NBI image of the same class: `pagkd.pair_images`).
 
-  dense_pair_loss / bidirectional_dense_pair_loss: the per-image dense loss of the paired stream (spec 8), with the
-      relation value of ambiguous positions as an argument: 0.5 for PaGKD's paired stream (the release), 0 for ADD.
+  dense_pair_loss / bidirectional_dense_pair_loss: the release's per-image dense loss of the paired stream (spec 8),
+      with the relation value of ambiguous positions as an argument: 0.5 for PaGKD's paired stream, 0 for ADD.
+  srca_pair_loss: the paper's variant of the paired stream's dense loss (spec 8): SRCA (spec 5.5) per pair, MSE.
   logit_alignment_loss: ADD's 1 - cos(logits_WLI, stop_gradient(logits_NBI)) (spec 9).
   hinton_kd_loss: T^2 KL(softmax(teacher / T) || softmax(student / T)), T = 4 (spec 9).
   fitnets_loss: mean squared error between a 1x1-conv projection of the student's layer4 map and the teacher's
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pagkd_jax.distill import relations
+from pagkd_jax.distill import srca
 
 PAGKD_AMBIGUOUS_WEIGHT = 0.5  # PaGKD's paired stream (the release's confuse_value).
 ADD_AMBIGUOUS_WEIGHT = 0.0  # ADD: an ambiguous position relates to nothing.
@@ -101,6 +103,29 @@ def bidirectional_dense_pair_loss(f_wli: jax.Array, f_nbi: jax.Array, labels_wli
   """
   return (dense_pair_loss(f_nbi, f_wli, labels_nbi, labels_wli, ambiguous_weight)
           + dense_pair_loss(f_wli, f_nbi, labels_wli, labels_nbi, ambiguous_weight))
+
+
+def srca_pair_loss(srca_params: dict, f_wli: jax.Array, f_nbi: jax.Array, labels_wli: jax.Array,
+                   labels_nbi: jax.Array, proj_dim: int | None = None, masked: bool = True, bidirectional: bool = True,
+                   dtype=jnp.float32) -> jax.Array:
+  """The paper's variant of the paired stream's dense loss (spec 8): the paper SRCA of GKD-Den (spec 5.5,
+  `srca.SRCA`) with each pair a group of one WLI and one NBI image: queries of one image attend over the keys of its
+  partner with the same label, the squared error pooled over the valid queries of the batch, mean of the directions.
+
+  Args:
+    srca_params: the SRCA's parameters (its `query` and `key` projections; PaGKD shares the group loss's).
+    f_wli: `(B, h, w, d)` student tokens of the WLI images. f_nbi: `(B, h, w, d)` teacher-side tokens of their pairs.
+    labels_wli, labels_nbi: `(B, h, w)` int labels in {-1, 0, 1} of the two images of each pair.
+    proj_dim, masked, bidirectional, dtype: as `srca.SRCA`.
+
+  Returns:
+    scalar float32.
+  """
+  _check_same_shape("f_wli", f_wli, "f_nbi", f_nbi, 4)
+  module = srca.SRCA(proj_dim=proj_dim, variant="paper", masked=masked, bidirectional=bidirectional, dtype=dtype)
+  loss, _ = module.apply({"params": srca_params}, f_wli[:, None], f_nbi[:, None], labels_wli[:, None],
+                         labels_nbi[:, None])
+  return loss
 
 
 def logit_alignment_loss(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:

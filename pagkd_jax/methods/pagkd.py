@@ -11,12 +11,13 @@ optimiser's `gated_params`, see `optimizer.make_optimizer`).
 
 With `distill.paired` ("PaGKD (all)", spec 8) the student also trains on the pairs of the training split: a paired
 stream (`streams.PairedStream`, one step before each class-group step) whose loss is CE on the paired WLI images
-plus, after the same warm-up, lambda_den times the per-image dense loss in both directions
-(`paired_losses.bidirectional_dense_pair_loss`, the release's form: relation values {1, 0, 0.5}, -1e9 fill, cosine
-loss), on the distillation heads' 1x1 embeddings (student_embed of the WLI map, teacher_embed of the frozen teacher's
-map of the paired NBI image) with each image's own CAM + PAR region labels. No GKD-Pro on paired batches. The
-class-group stream then draws the unpaired WLI images and all NBI images (`streams.unpaired_stream_records`).
-Not implemented: the paper's variant of the paired loss (SRCA per pair with the MSE).
+plus, after the same warm-up, lambda_den times a dense loss in both directions between the distillation heads' 1x1
+embeddings (student_embed of the WLI map, teacher_embed of the frozen teacher's map of the paired NBI image) with
+each image's own CAM + PAR region labels. `distill.paired_loss` chooses it (None: the variant's): "paper", the SRCA
+of the group loss with each pair a group of one, the MSE (`paired_losses.srca_pair_loss`, the same projections);
+"release", relation values {1, 0, 0.5}, -1e9 fill, 1 - cos (`paired_losses.bidirectional_dense_pair_loss`). No
+GKD-Pro on paired batches. The class-group stream then draws the unpaired WLI images and all NBI images
+(`streams.unpaired_stream_records`).
 """
 
 import copy
@@ -225,13 +226,15 @@ def make_paired_loss(model, config, steps_per_epoch: int) -> Callable:
 
   params = {"student", "heads"} (as `make_pagkd_loss`); batch = {"wli", "nbi": (B, H, W, 3) uint8, "label": (B,)},
   row i of both images the same pair. L = CE(student(WLI)) + lambda_den * L_dense, L_dense (from step
-  `warmup_epochs * steps_per_epoch` on, 0 before) = `paired_losses.bidirectional_dense_pair_loss` of the (B, h, w, d)
-  tokens student_embed(student layer4 map of WLI) and teacher_embed(frozen teacher's layer4 map of NBI), with
-  relation value 0.5 for ambiguous positions and each image's CAM + PAR region labels (spec 5.1-5.3).
+  `warmup_epochs * steps_per_epoch` on, 0 before) a dense loss of the (B, h, w, d) tokens student_embed(student layer4
+  map of WLI) and teacher_embed(frozen teacher's layer4 map of NBI) with each image's CAM + PAR region labels (spec
+  5.1-5.3): by `distill.paired_loss`, `paired_losses.srca_pair_loss` through the heads' SRCA ("paper") or
+  `paired_losses.bidirectional_dense_pair_loss` with relation value 0.5 for ambiguous positions ("release").
   """
   from pagkd_jax.models.resnet import DTYPES
   d = config.distill
   lambda_den = d.lambda_den if d.use_den else 0.0
+  paired_loss = pagkd.resolved(d, "paired_loss")
   warmup_steps = experiment.distillation_warmup_steps(config, steps_per_epoch)
   normalization = config.data.normalization
   dtype = DTYPES[config.model.dtype]
@@ -253,6 +256,10 @@ def make_paired_loss(model, config, steps_per_epoch: int) -> Callable:
       regions_nbi = pagkd.region_labels(x_nbi, t_features, t_kernel, labels, d)
       tokens_wli = embed_tokens(s_features, params["heads"]["student_embed"]["kernel"], dtype)
       tokens_nbi = embed_tokens(t_features, params["heads"]["teacher_embed"]["kernel"], dtype)
+      if paired_loss == "paper":
+        return paired_losses.srca_pair_loss(params["heads"]["srca"], tokens_wli, tokens_nbi, regions_wli, regions_nbi,
+                                            proj_dim=d.proj_dim, masked=d.masked, bidirectional=d.bidirectional,
+                                            dtype=dtype)
       return paired_losses.bidirectional_dense_pair_loss(tokens_wli, tokens_nbi, regions_wli, regions_nbi,
                                                          paired_losses.PAGKD_AMBIGUOUS_WEIGHT)
 
