@@ -190,6 +190,21 @@ def distils_from_teacher(arm: Arm) -> bool:
   return method.modality == "wli" and "nbi" in method.data_modalities
 
 
+def training_data(arm_name: str) -> str:
+  """What an arm trains on, for the tables: "NBI" / "WLI" (one modality), "D_p" (the training split's pairs alone),
+  "D_p + D_unp" (the pairs, then class groups of the unpaired WLI images and all NBI images), or "WLI + NBI,
+  unpaired" (class groups of every training image; a pair's two images are not used as a pair)."""
+  arm = ARMS.get(arm_name)
+  if arm is None:
+    return "-"
+  method = methods.get(arm.stage)
+  if not distils_from_teacher(arm):
+    return method.modality.upper()
+  if arm.needs_pairs:
+    return "D_p + D_unp" if arm.stage == "pagkd" else "D_p"
+  return "WLI + NBI, unpaired"
+
+
 def train_args(arm: Arm, seed: int, root: pathlib.Path, config_spec: str, common: list[str],
                init_from: pathlib.Path | None = None, teacher_root: pathlib.Path | None = None) -> list[str]:
   """train.py's arguments for one run (`init_from`: the seed's pretraining workdir, or None; `teacher_root`: where
@@ -375,11 +390,12 @@ def markdown_table(summary: dict, reference_arms=REFERENCE_ARMS) -> str:
   """One row per arm: mean ± std over seeds of each metric, and the AUC difference to each reference arm that
   was run, paired by seed (with the number of common seeds)."""
   refs = [r for r in reference_arms if r in summary]
-  head = (["arm", "seeds"] + [f"test {METRIC_NAMES[m]}" for m in METRICS]
+  head = (["arm", "training data", "seeds"] + [f"test {METRIC_NAMES[m]}" for m in METRICS]
           + [f"AUC - {r} (paired, seeds)" for r in refs] + ["train s / run"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for arm, entry in summary.items():
-    row = [f"{entry['title']} (`{arm}`)", str(len(entry["seeds"]))] + [_fmt(entry[m]) for m in METRICS]
+    row = ([f"{entry['title']} (`{arm}`)", training_data(arm), str(len(entry["seeds"]))]
+           + [_fmt(entry[m]) for m in METRICS])
     for r in refs:
       diff = entry.get(f"minus_{r}")
       row.append(f"{_fmt(diff['auc'], signed=True)} ({diff['auc']['n']})" if diff else "-")

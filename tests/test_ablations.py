@@ -73,6 +73,18 @@ def test_markdown_table_shows_mean_plus_minus_std(tmp_path):
   assert f"{diff.mean():+.3f} ± {diff.std(ddof=1):.3f} (3)" in row
   assert "no_distill" not in lines[0]  # Only references that were run get a column.
   assert "| 0.860 |" in next(line for line in lines if "`den_only`" in line)
+  assert "| training data |" in lines[0] and "| WLI + NBI, unpaired |" in row
+  assert "| WLI |" in next(line for line in lines if "`baseline`" in line)
+
+
+def test_each_arm_says_what_it_trains_on():
+  data = {arm: ablations.training_data(arm) for arm in ablations.ARMS}
+  assert data["teacher"] == data["teacher_shuffled"] == "NBI"
+  assert data["baseline"] == data["oracle"] == data["crckd"] == "WLI"
+  assert data["pagkd_all"] == "D_p + D_unp"
+  assert data["kd"] == data["fitnets"] == data["add"] == "D_p"
+  assert data["kd_unpaired"] == data["add_unpaired"] == data["pro_den_paper"] == "WLI + NBI, unpaired"
+  assert ablations.training_data("not_an_arm") == "-"
 
 
 def test_paired_difference_to_the_control_uses_the_common_seeds(tmp_path):
