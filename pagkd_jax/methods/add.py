@@ -27,9 +27,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import pagkd
 from pagkd_jax.distill import paired_losses
 from pagkd_jax.methods import pagkd as pagkd_method
@@ -54,31 +52,26 @@ def make_add_loss(model, config, steps_per_epoch: int) -> Callable:
 
   def loss_fn(params, batch_stats, step, batch, teacher):
     labels = batch["label"]
-    x_wli = normalize_images(batch["wli"], normalization)
-    x_nbi = normalize_images(batch["nbi"], normalization)
-    (logits, s_features), new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x_wli, train=True,
-                                                 mutable=["batch_stats"])
-    loss_cls = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    s = streams.student_on_pairs(model, {"params": params, "batch_stats": batch_stats}, batch, normalization)
 
     def distillation(params, s_features, logits):
-      t_logits, t_features = jax.lax.stop_gradient(model.apply(teacher, x_nbi, train=False))
-      regions_wli = pagkd.region_labels(x_wli, s_features, params["fc"]["kernel"], labels, d)
-      regions_nbi = pagkd.region_labels(x_nbi, t_features, teacher["params"]["fc"]["kernel"], labels, d)
+      t_logits, t_features = jax.lax.stop_gradient(model.apply(teacher, s.x_nbi, train=False))
+      regions_wli = pagkd.region_labels(s.x_wli, s_features, params["fc"]["kernel"], labels, d)
+      regions_nbi = pagkd.region_labels(s.x_nbi, t_features, teacher["params"]["fc"]["kernel"], labels, d)
       dense = paired_losses.bidirectional_dense_pair_loss(s_features, t_features, regions_wli, regions_nbi,
                                                           paired_losses.ADD_AMBIGUOUS_WEIGHT)
       return dense, paired_losses.logit_alignment_loss(logits, t_logits)
 
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
     if dense_weight or logit_weight:
-      loss_dense, loss_logit = jax.lax.cond(step >= start, distillation, lambda *_: zeros, params, s_features,
-                                            logits)
+      loss_dense, loss_logit = jax.lax.cond(step >= start, distillation, lambda *_: zeros, params, s.features,
+                                            s.logits)
     else:
       loss_dense, loss_logit = zeros
-    loss = loss_cls + dense_weight * loss_dense + logit_weight * loss_logit
-    terms = {"loss_cls": loss_cls, "loss_dense": loss_dense, "loss_logit": loss_logit,
-             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+    loss = s.loss_cls + dense_weight * loss_dense + logit_weight * loss_logit
+    terms = {"loss_cls": s.loss_cls, "loss_dense": loss_dense, "loss_logit": loss_logit, "accuracy": s.accuracy,
              "distill_on": (step >= start).astype(jnp.float32)}
-    return loss, (terms, new_vars["batch_stats"])
+    return loss, (terms, s.batch_stats)
 
   return loss_fn
 

@@ -21,9 +21,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import paired_losses
 from pagkd_jax.methods import classifier
 from pagkd_jax.methods import pagkd as pagkd_method
@@ -51,18 +49,13 @@ def make_fitnets_loss(model, config) -> Callable:
   weight = float(config.fitnets.weight)
 
   def loss_fn(params, batch_stats, batch, teacher):
-    labels = batch["label"]
-    x_wli = normalize_images(batch["wli"], normalization)
-    x_nbi = normalize_images(batch["nbi"], normalization)
-    (logits, s_features), new_vars = model.apply(
-        {"params": params["student"], "batch_stats": batch_stats["student"]}, x_wli, train=True,
-        mutable=["batch_stats"])
-    _, t_features = model.apply(teacher, x_nbi, train=False)
-    loss_cls = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    loss_hint = paired_losses.fitnets_loss(s_features, params["regressor"]["kernel"],
+    s = streams.student_on_pairs(model, {"params": params["student"], "batch_stats": batch_stats["student"]}, batch,
+                                 normalization)
+    _, t_features = model.apply(teacher, s.x_nbi, train=False)
+    loss_hint = paired_losses.fitnets_loss(s.features, params["regressor"]["kernel"],
                                            jax.lax.stop_gradient(t_features), params["regressor"]["bias"])
-    terms = {"loss_cls": loss_cls, "loss_hint": loss_hint, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-    return loss_cls + weight * loss_hint, (terms, {"student": new_vars["batch_stats"]})
+    terms = {"loss_cls": s.loss_cls, "loss_hint": loss_hint, "accuracy": s.accuracy}
+    return s.loss_cls + weight * loss_hint, (terms, {"student": s.batch_stats})
 
   return loss_fn
 

@@ -20,10 +20,7 @@ import dataclasses
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
-import optax
 
-from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import paired_losses
 from pagkd_jax.methods import pagkd as pagkd_method
 from pagkd_jax.methods import streams
@@ -39,16 +36,11 @@ def make_kd_loss(model, config) -> Callable:
   normalization = config.data.normalization
 
   def loss_fn(params, batch_stats, batch, teacher):
-    labels = batch["label"]
-    x_wli = normalize_images(batch["wli"], normalization)
-    x_nbi = normalize_images(batch["nbi"], normalization)
-    (logits, _), new_vars = model.apply({"params": params, "batch_stats": batch_stats}, x_wli, train=True,
-                                        mutable=["batch_stats"])
-    t_logits, _ = model.apply(teacher, x_nbi, train=False)
-    loss_cls = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    loss_kd = paired_losses.hinton_kd_loss(logits, jax.lax.stop_gradient(t_logits))
-    terms = {"loss_cls": loss_cls, "loss_kd": loss_kd, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-    return loss_cls + loss_kd, (terms, new_vars["batch_stats"])
+    s = streams.student_on_pairs(model, {"params": params, "batch_stats": batch_stats}, batch, normalization)
+    t_logits, _ = model.apply(teacher, s.x_nbi, train=False)
+    loss_kd = paired_losses.hinton_kd_loss(s.logits, jax.lax.stop_gradient(t_logits))
+    terms = {"loss_cls": s.loss_cls, "loss_kd": loss_kd, "accuracy": s.accuracy}
+    return s.loss_cls + loss_kd, (terms, s.batch_stats)
 
   return loss_fn
 

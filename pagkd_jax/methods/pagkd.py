@@ -241,19 +241,15 @@ def make_paired_loss(model, config, steps_per_epoch: int) -> Callable:
 
   def loss_fn(params, batch_stats, step, batch, teacher):
     labels = batch["label"]
-    x_wli = normalize_images(batch["wli"], normalization)
-    x_nbi = normalize_images(batch["nbi"], normalization)
-    (logits, s_features), new_vars = model.apply(
-        {"params": params["student"], "batch_stats": batch_stats["student"]}, x_wli, train=True,
-        mutable=["batch_stats"])
-    loss_cls = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    s = streams.student_on_pairs(model, {"params": params["student"], "batch_stats": batch_stats["student"]}, batch,
+                                 normalization)
 
     def dense(params, s_features):
-      _, t_features = model.apply(teacher, x_nbi, train=False)
+      _, t_features = model.apply(teacher, s.x_nbi, train=False)
       t_features = jax.lax.stop_gradient(t_features)
       t_kernel = jax.lax.stop_gradient(teacher["params"]["fc"]["kernel"])
-      regions_wli = pagkd.region_labels(x_wli, s_features, params["student"]["fc"]["kernel"], labels, d)
-      regions_nbi = pagkd.region_labels(x_nbi, t_features, t_kernel, labels, d)
+      regions_wli = pagkd.region_labels(s.x_wli, s_features, params["student"]["fc"]["kernel"], labels, d)
+      regions_nbi = pagkd.region_labels(s.x_nbi, t_features, t_kernel, labels, d)
       tokens_wli = embed_tokens(s_features, params["heads"]["student_embed"]["kernel"], dtype)
       tokens_nbi = embed_tokens(t_features, params["heads"]["teacher_embed"]["kernel"], dtype)
       if paired_loss == "paper":
@@ -265,13 +261,13 @@ def make_paired_loss(model, config, steps_per_epoch: int) -> Callable:
 
     if lambda_den:
       loss_dense = jax.lax.cond(step >= warmup_steps, dense, lambda *_: jnp.zeros((), jnp.float32), params,
-                                s_features)
+                                s.features)
     else:
       loss_dense = jnp.zeros((), jnp.float32)
-    loss = loss_cls + lambda_den * loss_dense
-    terms = {"loss_cls": loss_cls, "loss_dense": loss_dense, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+    loss = s.loss_cls + lambda_den * loss_dense
+    terms = {"loss_cls": s.loss_cls, "loss_dense": loss_dense, "accuracy": s.accuracy,
              "distill_on": (step >= warmup_steps).astype(jnp.float32)}
-    return loss, (terms, {"student": new_vars["batch_stats"]})
+    return loss, (terms, {"student": s.batch_stats})
 
   return loss_fn
 

@@ -7,13 +7,14 @@ stream of "PaGKD (all)" (spec 8): batches of `data.paired_batch_size` pairs of t
 """
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from pagkd_jax.data import pair_batches
+from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.data import pairs as pairs_lib
 from pagkd_jax.distill import pagkd
 from pagkd_jax.methods import classifier
@@ -35,6 +36,29 @@ def gradient_update(loss_fn: Callable, tx) -> Callable:
                          batch_stats=batch_stats, opt_state=opt_state), metrics
 
   return update
+
+
+class StudentOnPairs(NamedTuple):
+  """What every paired loss starts from (`student_on_pairs`)."""
+  x_wli: jax.Array  # (B, H, W, 3) normalised WLI images.
+  x_nbi: jax.Array  # (B, H, W, 3) normalised NBI images, row i the partner of WLI image i.
+  logits: jax.Array  # (B, C) the student's, on the WLI images, in training mode.
+  features: jax.Array  # (B, h, w, F) the student's layer4 maps of the WLI images.
+  loss_cls: jax.Array  # () mean cross-entropy of the logits against batch["label"].
+  accuracy: jax.Array  # () training accuracy of the logits.
+  batch_stats: dict  # The student's BatchNorm statistics after the pass.
+
+
+def student_on_pairs(model, variables: dict, batch: dict, normalization: str) -> StudentOnPairs:
+  """The student's training-mode pass on the WLI images of a paired batch {"wli", "nbi": (B, H, W, 3) uint8,
+  "label": (B,)} with its cross-entropy; `variables` = the student's {"params", "batch_stats"}."""
+  x_wli = normalize_images(batch["wli"], normalization)
+  x_nbi = normalize_images(batch["nbi"], normalization)
+  (logits, features), new_vars = model.apply(variables, x_wli, train=True, mutable=["batch_stats"])
+  labels = batch["label"]
+  return StudentOnPairs(x_wli, x_nbi, logits, features,
+                        optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+                        jnp.mean(jnp.argmax(logits, -1) == labels), new_vars["batch_stats"])
 
 
 def training_pairs(data) -> list[pairs_lib.Pair]:
