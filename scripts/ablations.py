@@ -263,12 +263,14 @@ DIAGNOSTICS = ("grad_cls_layer4", "grad_pro_layer4", "grad_den_layer4", "token_n
 REGION_METRICS = ("lesion_iou", "disc_recall", "false_lesion_fraction")
 REGION_STAGES = ("without_par", "disc_through_par")
 REGION_DIAGNOSTICS = (*REGION_METRICS, "cam_peak_in_disc", *(f"{stage}_disc_recall" for stage in REGION_STAGES))
+SHORTCUT_DIAGNOSTICS = ("cast_auc", "cast_following")  # eval.py's "shortcut" (pagkd_jax/evaluation/shortcut.py).
 
 
 def diagnostics_summary(metrics_path: pathlib.Path, report: dict) -> dict:
   """The run's diagnostics: the mean of each train/diag/* value over the logged steps with distillation on (the
-  gradient norms, token norms), and the test-time region agreement with the true lesions of eval.py's report
-  ("region/<model|teacher>_<metric>")."""
+  gradient norms, token norms), the test-time region agreement with the true lesions of eval.py's report
+  ("region/<model|teacher>_<metric>") and how much the predictions follow the synthetic shortcut
+  ("shortcut/<metric>")."""
   rows = [json.loads(line) for line in open(metrics_path)] if metrics_path.exists() else []
   on = [r for r in rows if r.get("train/distill_on", 0.0) > 0.5]
   result = {}
@@ -285,6 +287,9 @@ def diagnostics_summary(metrics_path: pathlib.Path, report: dict) -> dict:
     for stage in REGION_STAGES:  # Where the labels lose the lesion (region_agreement.py).
       if (entry.get(stage) or {}).get("disc_recall") is not None:
         result[f"region/{who}_{stage}_disc_recall"] = float(entry[stage]["disc_recall"])
+  for metric in SHORTCUT_DIAGNOSTICS:
+    if (report.get("shortcut") or {}).get(metric) is not None:
+      result[f"shortcut/{metric}"] = float(report["shortcut"][metric])
   return result
 
 
@@ -454,8 +459,10 @@ def criteria_lines(results: list[dict]) -> str:
 
 def diagnostics_table(summary: dict) -> str:
   """Mean ± std over seeds of each diagnostic that some arm has (gradient norms at layer4 and token norms over the
-  distillation steps, region agreement with the true lesions on the test images); empty without any."""
+  distillation steps, region agreement with the true lesions and shortcut reliance on the test images); empty
+  without any."""
   names = [n for n in DIAGNOSTICS + tuple(f"region/{w}_{m}" for w in ("model", "teacher") for m in REGION_DIAGNOSTICS)
+           + tuple(f"shortcut/{m}" for m in SHORTCUT_DIAGNOSTICS)
            if any(n in e.get("diagnostics", {}) for e in summary.values())]
   if not names:
     return ""

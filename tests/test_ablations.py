@@ -242,17 +242,18 @@ def test_diagnostics_from_metrics_and_report(tmp_path):
   report = {"region_agreement": {"model": {"lesion_iou": 0.4, "disc_recall": 0.5, "false_lesion_fraction": None},
                                  "teacher": {"lesion_iou": 0.6, "disc_recall": 0.7, "false_lesion_fraction": 0.1,
                                              "cam_peak_in_disc": 0.9, "without_par": {"disc_recall": 0.8},
-                                             "disc_through_par": {"disc_recall": 0.3}}}}
+                                             "disc_through_par": {"disc_recall": 0.3}}},
+            "shortcut": {"cast_auc": 0.62, "cast_following": None, "n_images": 9}}
   diag = ablations.diagnostics_summary(path, report)
   assert diag == {"grad_cls_layer4": 2.0, "grad_pro_layer4": 0.375, "token_norm_wli": 2.0,
                   "region/model_lesion_iou": 0.4, "region/model_disc_recall": 0.5, "region/teacher_lesion_iou": 0.6,
                   "region/teacher_disc_recall": 0.7, "region/teacher_false_lesion_fraction": 0.1,
                   "region/teacher_cam_peak_in_disc": 0.9, "region/teacher_without_par_disc_recall": 0.8,
-                  "region/teacher_disc_through_par_disc_recall": 0.3}
+                  "region/teacher_disc_through_par_disc_recall": 0.3, "shortcut/cast_auc": 0.62}
   assert ablations.diagnostics_summary(tmp_path / "missing.jsonl", {}) == {}
   records = _criteria_records({"pro_den_paper": (0.8, 0.7)})
   records[0]["diagnostics"] = {"grad_pro_layer4": 0.5, "region/model_lesion_iou": 0.2,
-                               "region/teacher_disc_through_par_disc_recall": 0.3}
+                               "region/teacher_disc_through_par_disc_recall": 0.3, "shortcut/cast_auc": 0.6}
   records[1]["diagnostics"] = {"grad_pro_layer4": 0.3}
   entry = ablations.aggregate(records)["pro_den_paper"]["diagnostics"]
   np.testing.assert_allclose([entry["grad_pro_layer4"]["mean"], entry["grad_pro_layer4"]["std"]],
@@ -261,6 +262,7 @@ def test_diagnostics_from_metrics_and_report(tmp_path):
   table = ablations.diagnostics_table(ablations.aggregate(records))
   assert "grad_pro_layer4" in table.splitlines()[0] and "0.4000 ± 0.1414" in table
   assert "region/teacher_disc_through_par_disc_recall" in table.splitlines()[0]
+  assert "shortcut/cast_auc" in table.splitlines()[0]
   assert ablations.diagnostics_table(ablations.aggregate(_criteria_records())) == ""
 
 

@@ -28,6 +28,7 @@ from pagkd_jax.evaluation import figures
 from pagkd_jax.evaluation import inference
 from pagkd_jax.evaluation import metrics as metrics_lib
 from pagkd_jax.evaluation import region_agreement
+from pagkd_jax.evaluation import shortcut
 
 
 def load_config(workdir: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
@@ -153,6 +154,11 @@ def evaluate_workdir(workdir: str, which: str = "best", overrides: dict | None =
                  **_distillation_record(workdir, config, data, kind, int(step))})
   if config.data.synthetic.enabled:
     report["region_agreement"] = _region_agreement(workdir, config, data, model, variables, test_records, which)
+    if modality == "wli" and config.data.synthetic.get("shortcut_agreement", 0.0) > 0:
+      casts = shortcut.read_casts(config.data.synthetic.out)
+      report["shortcut"] = shortcut.shortcut_reliance(
+          probs, np.asarray([casts.get(os.path.realpath(r.path), -1) for r in test_records]))
+      logging.info("%s: predictions against the synthetic shortcut's colour cast: %s", workdir, report["shortcut"])
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, "eval")
     _write_report(out_dir, report, labels, probs, classes, n_bins,
