@@ -365,3 +365,53 @@ PAIRED_ON_EIGHT_DEVICES = textwrap.dedent("""
 @pytest.mark.numerics
 def test_pagkd_paired_update_on_one_and_eight_devices_agrees(repo_root):
   run_on_host_devices(PAIRED_ON_EIGHT_DEVICES, repo_root, timeout=900)
+
+
+@pytest.mark.parametrize("paired_loss", ["paper", "release"])
+def test_a_paired_step_leaves_the_heads_its_loss_does_not_read_as_torch_adam_does(paired_loss):
+  """After a class-group step has given every head Adam moments, a paired step moves the heads its dense loss reads
+  (the two embeddings, and the SRCA projections under the paper's loss) and leaves the others (GKD-Pro's prototype
+  extractor; the SRCA under the release's loss) and their moments bitwise as they were: no gradient, no update."""
+  from pagkd_jax import base_config
+  from pagkd_jax.methods import pagkd as pagkd_method
+  from pagkd_jax.models import resnet
+  from pagkd_jax.training import optimizer
+
+  c, k, s = 3, 2, 32
+  config = base_config.get_config()
+  config.stage, config.model.name, config.data.image_size = "pagkd", "tiny", s
+  config.distill.warmup_epochs = 0.0
+  config.distill.embed_dim, config.distill.num_queries, config.distill.qformer_heads = 16, 4, 4
+  config.distill.paired_loss = paired_loss
+  config.data.group_size = k
+  model = resnet.create_resnet("tiny", c)
+  tx = optimizer.make_optimizer(config.optim, total_steps=10, steps_per_epoch=5, gated_params=("heads",))
+  program = pagkd_method.PaGKDProgram(frozen=())
+  state = program.init_state(model, tx, jax.random.key(0), config)
+  teacher = model.init(jax.random.key(7), jnp.zeros((1, s, s, 3)))
+  rng = np.random.default_rng(0)
+  groups = {"wli": rng.integers(0, 256, (c, k, s, s, 3), dtype=np.uint8),
+            "nbi": rng.integers(0, 256, (c, k, s, s, 3), dtype=np.uint8), "label": np.arange(c, dtype=np.int32)}
+  pairs = {"wli": rng.integers(0, 256, (4, s, s, 3), dtype=np.uint8),
+           "nbi": rng.integers(0, 256, (4, s, s, 3), dtype=np.uint8), "label": np.array([0, 2, 1, 2], np.int32)}
+  heads = pagkd_method.make_heads(config, c)
+  state, _ = jax.jit(pagkd_method.make_pagkd_update(model, heads, tx, config, 5))(state, groups, teacher)
+  after, _ = jax.jit(pagkd_method.make_paired_update_factory(model, tx, config, 5))(state, pairs, teacher)
+
+  read = set(pagkd_method.PAIRED_LOSS_HEADS[paired_loss])
+  assert set(state.params["heads"]) == {"student_embed", "teacher_embed", "prototypes", "srca"}
+
+  def leaves_under(tree, head):
+    return [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if any(getattr(a, "key", None) == "heads" and getattr(b, "key", None) == head
+                   for a, b in zip(path, path[1:]))]
+
+  for head in state.params["heads"]:
+    before = leaves_under(state.params, head) + leaves_under(state.opt_state, head)
+    now = leaves_under(after.params, head) + leaves_under(after.opt_state, head)
+    assert len(before) == len(now) > len(leaves_under(state.params, head))  # Parameters and their two moments.
+    moment = leaves_under(state.opt_state, head)
+    assert any(np.any(np.asarray(m) != 0) for m in moment), head  # The group step gave it momentum to move with.
+    same = all(np.array_equal(a, b) for a, b in zip(before, now))
+    assert same == (head not in read), head
+  assert not np.array_equal(state.params["student"]["fc"]["kernel"], after.params["student"]["fc"]["kernel"])

@@ -272,18 +272,38 @@ def make_paired_loss(model, config, steps_per_epoch: int) -> Callable:
   return loss_fn
 
 
+# The distillation heads each paired loss reads; the others (the prototype extractor and classifier of GKD-Pro, and
+# the SRCA's projections under the release's paired loss) get no gradient in a paired step.
+PAIRED_LOSS_HEADS = {"paper": ("student_embed", "teacher_embed", "srca"), "release": ("student_embed", "teacher_embed")}
+
+
 def make_paired_update_factory(model, tx, config, steps_per_epoch: int) -> Callable:
-  """update(state, batch, teacher) -> (state, metrics): one optimiser step of `make_paired_loss` (the heads are
-  updated, `gated_on`, from the warm-up's end on when the dense loss is on)."""
+  """update(state, batch, teacher) -> (state, metrics): one optimiser step of `make_paired_loss`. The heads the
+  paired loss reads are updated, `gated_on`, from the warm-up's end on when the dense loss is on; the other heads
+  keep their values and Adam moments (`keep_heads`), as torch's Adam leaves a parameter without a gradient."""
   d = config.distill
   heads_trained = bool(d.use_den and d.lambda_den)
   return _gated_update(make_paired_loss(model, config, steps_per_epoch), tx, heads_trained,
-                       experiment.distillation_warmup_steps(config, steps_per_epoch))
+                       experiment.distillation_warmup_steps(config, steps_per_epoch),
+                       heads_read=PAIRED_LOSS_HEADS[pagkd.resolved(d, "paired_loss")])
 
 
-def _gated_update(loss_fn: Callable, tx, heads_trained: bool, heads_from: int) -> Callable:
+def keep_heads(new, old, names: frozenset):
+  """`new` (parameters or optimiser state) with every leaf under a head in `names` (a key of the "heads"
+  parameters, anywhere on the leaf's path) taken from `old`. Leaves shared by all heads (Adam's step count) stay new."""
+  def pick(path, new_leaf, old_leaf):
+    keys = [getattr(k, "key", None) for k in path]
+    under = any(a == "heads" and b in names for a, b in zip(keys, keys[1:]))
+    return old_leaf if under else new_leaf
+
+  return jax.tree_util.tree_map_with_path(pick, new, old)
+
+
+def _gated_update(loss_fn: Callable, tx, heads_trained: bool, heads_from: int,
+                  heads_read: tuple[str, ...] | None = None) -> Callable:
   """update(state, batch, teacher) of `loss_fn(params, batch_stats, step, batch, teacher)`, passing `gated_on`
-  (the heads are trained at this step) to `tx`."""
+  (the heads are trained at this step) to `tx`. With `heads_read`, the heads not among them keep their parameters
+  and Adam moments (they get no gradient from this loss)."""
   tx = optax.with_extra_args_support(tx)
 
   def update(state: TrainState, batch, teacher):
@@ -292,6 +312,10 @@ def _gated_update(loss_fn: Callable, tx, heads_trained: bool, heads_from: int) -
     heads_on = jnp.logical_and(heads_trained, state.step >= heads_from)
     updates, opt_state = tx.update(grads, state.opt_state, state.params, gated_on=heads_on)
     params = optax.apply_updates(state.params, updates)
+    if heads_read is not None:
+      unread = frozenset(state.params["heads"]) - frozenset(heads_read)
+      params = keep_heads(params, state.params, unread)
+      opt_state = keep_heads(opt_state, state.opt_state, unread)
     metrics = {"loss": loss, **terms,
                "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
