@@ -574,6 +574,29 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     raise
 
 
+def read_lesion_columns(out: str | os.PathLike, parse, required: Sequence[str] = (), why_missing: str = "") -> dict:
+  """{absolute (resolved) image path: parse(row)} over the rows of OUT/lesions.csv of a generated data set.
+
+  `required`: columns the file must have (a file without one raises ValueError naming it, then `why_missing`); a row
+  that `parse` cannot read raises ValueError naming the file and the row."""
+  out = pathlib.Path(out).expanduser()
+  path = out / LESIONS_NAME
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: {out} is not a generated synthetic data set.")
+  table = {}
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    for column in required:
+      if column not in (reader.fieldnames or ()):
+        raise ValueError(f"{path} has no {column!r} column{': ' + why_missing if why_missing else ''}.")
+    for row in reader:
+      try:
+        table[str((out / row["path"]).resolve())] = parse(row)
+      except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: bad row {row} ({type(e).__name__}: {e}).") from e
+  return table
+
+
 def _check_args(classes: Sequence[str], image_size: int, lesions_per_class: int,
                 images_per_lesion: int, paired_fraction: float) -> None:
   if len(classes) < 2:

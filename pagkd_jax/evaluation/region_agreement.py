@@ -21,9 +21,7 @@ Where the labels lose the lesion, stage by stage (`evaluate_region_agreement`):
                         resolution and on these images, keeps of a perfect CAM
 """
 
-import csv
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +29,7 @@ import numpy as np
 
 from pagkd_jax.data import augment
 from pagkd_jax.data import image_io
+from pagkd_jax.data import synthetic
 from pagkd_jax.data.normalization import normalize_images
 from pagkd_jax.distill import pagkd
 from pagkd_jax.distill import relations
@@ -38,24 +37,12 @@ from pagkd_jax.models import resnet
 from pagkd_jax.models.cam import class_activation_map
 
 SUPERSAMPLE = 8
-LESIONS_FILE = "lesions.csv"
 
 
 def read_lesion_discs(synthetic_out: str) -> dict[str, tuple[float, float, float]]:
   """{absolute image path: (centre x, centre y, radius)} in generated-image pixels, from OUT/lesions.csv."""
-  out = pathlib.Path(synthetic_out).expanduser()
-  path = out / LESIONS_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: {out} is not a generated synthetic data set.")
-  discs = {}
-  with open(path, newline="") as f:
-    for row in csv.DictReader(f):
-      try:
-        discs[str((out / row["path"]).resolve())] = (float(row["center_x"]), float(row["center_y"]),
-                                                      float(row["radius"]))
-      except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: bad row {row} ({type(e).__name__}: {e}).") from e
-  return discs
+  return synthetic.read_lesion_columns(
+      synthetic_out, lambda row: (float(row["center_x"]), float(row["center_y"]), float(row["radius"])))
 
 
 def disc_masks(discs: np.ndarray, source_size: int, grid: tuple[int, int]) -> np.ndarray:
@@ -147,7 +134,7 @@ def evaluate_region_agreement(model, variables, records, config, batch_size: int
   discs_by_path = read_lesion_discs(config.data.synthetic.out)
   missing = [r.path for r in records if os.path.realpath(r.path) not in discs_by_path]
   if missing:
-    raise ValueError(f"{len(missing)} image(s) have no lesion in {config.data.synthetic.out}/{LESIONS_FILE}, "
+    raise ValueError(f"{len(missing)} image(s) have no lesion in {config.data.synthetic.out}/{synthetic.LESIONS_NAME}, "
                      f"e.g. {missing[:3]}.")
   size = config.data.image_size
   batch_size = batch_size or config.data.eval_batch_size

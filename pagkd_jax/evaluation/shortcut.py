@@ -10,10 +10,6 @@ A model that learnt the cast in place of the lesion pattern scores higher on bot
   shortcut_reliance(probs, np.asarray([casts[p] for p in paths]))
 """
 
-import csv
-import os
-import pathlib
-
 import numpy as np
 
 from pagkd_jax.data import synthetic
@@ -22,21 +18,8 @@ from pagkd_jax.evaluation import metrics as metrics_lib
 
 def read_casts(synthetic_out: str) -> dict[str, int]:
   """{absolute image path: cast (nuisance) index, -1 for none} from OUT/lesions.csv of a generated data set."""
-  out = pathlib.Path(synthetic_out).expanduser()
-  path = out / synthetic.LESIONS_NAME
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: {out} is not a generated synthetic data set.")
-  casts = {}
-  with open(path, newline="") as f:
-    reader = csv.DictReader(f)
-    if "nuisance" not in (reader.fieldnames or ()):
-      raise ValueError(f"{path} has no 'nuisance' column: the data set was generated without a shortcut.")
-    for row in reader:
-      try:
-        casts[os.path.realpath(out / row["path"])] = int(row["nuisance"])
-      except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: bad row {row} ({type(e).__name__}: {e}).") from e
-  return casts
+  return synthetic.read_lesion_columns(synthetic_out, lambda row: int(row["nuisance"]), required=("nuisance",),
+                                       why_missing="the data set was generated without a shortcut")
 
 
 def shortcut_reliance(probs: np.ndarray, casts: np.ndarray) -> dict:
