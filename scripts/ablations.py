@@ -21,11 +21,12 @@ another folder, e.g. an earlier invocation's root: student arms rerun after a ch
 same backbones and teachers.
 
 Each run lives in ROOT/seed<S>/<arm>/ with its logs (ablation_train.log, ablation_eval.log) and ablation_run.json
-(its command-line overrides, wall times, test metrics, loss curve summary, diagnostics); a run whose record exists
-is skipped (the pretraining's is pretrain_run.json), so rerunning the command continues where it stopped (train.py
-itself resumes an interrupted run from its latest checkpoint). The seed sets `config.seed` (weights, data order,
-augmentation); the data split (`data.split_seed`) and the synthetic images stay fixed, so every arm of every seed
-is tested on the same images and arm differences can be paired by seed.
+(its command-line overrides, wall times, test metrics, loss curve summary, diagnostics, and the environment its
+numbers depend on: CPU model, XLA_FLAGS, JAX version); a run whose record exists is skipped (the pretraining's is
+pretrain_run.json), so rerunning the command continues where it stopped (train.py itself resumes an interrupted
+run from its latest checkpoint). The seed sets `config.seed` (weights, data order, augmentation); the data split
+(`data.split_seed`) and the synthetic images stay fixed, so every arm of every seed is tested on the same images
+and arm differences can be paired by seed.
 At the end ROOT/ablations.json (every run, the aggregate, the criteria) and ROOT/ablations.md (the tables and one
 PASS / FAIL line per criterion) are written.
 """
@@ -34,7 +35,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -42,7 +42,7 @@ import numpy as np
 from absl import app, flags
 
 from pagkd_jax import methods
-from pagkd_jax.tools.script_runs import finished_record, load_preset, run_logged
+from pagkd_jax.tools.script_runs import finished_record, load_preset, run_environment, run_logged
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 METRICS = ("auc", "accuracy", "f1_macro")
@@ -310,7 +310,7 @@ def run_arm(arm: Arm, seed: int, root: pathlib.Path, config_spec: str, common: l
   report = json.loads((workdir / "eval" / "metrics.json").read_text())
   record = {
       "arm": arm.name, "title": arm.title, "seed": seed, "stage": arm.stage, "train_args": args,
-      "train_s": train_s, "eval_s": eval_s, "resumed": resumed,
+      "train_s": train_s, "eval_s": eval_s, "resumed": resumed, "environment": run_environment(),
       "test": {"n_images": report["n_images"], "modality": report["modality"],
                "checkpoint_step": report["checkpoint_step"],
                "auc_ci95": (report.get("ci95") or {}).get("auc"),
@@ -525,8 +525,7 @@ def main(argv) -> None:
               "shared_root": str(shared) if shared != root else None,
               "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
               "wall_s_this_invocation": time.perf_counter() - start,
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "python": sys.version.split()[0], "loadavg_end": list(os.getloadavg())}}
+              "machine": {**run_environment(), "loadavg_end": list(os.getloadavg())}}
   records = read_records(root)
   if shared != root:
     records += [r for r in read_records(shared) if r.get("stage") == "teacher"]

@@ -1,5 +1,6 @@
 """scripts/ablations.py: the mean / std table from per-run record files against NumPy, and one tiny real run."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -293,6 +294,9 @@ def test_runner_trains_teacher_once_reuses_it_and_skips_finished_runs(tmp_path):
   assert config["distill"]["use_den"] is False and config["distill"]["use_pro"] is True
   report = json.loads((root / "seed0" / "pro_only" / "eval" / "metrics.json").read_text())
   assert student["test"]["auc"] == report["auc"] and student["test"]["modality"] == "wli"
+  # What the numbers depend on beyond the command line: the CPU, XLA_FLAGS, the JAX version (README).
+  assert student["environment"]["xla_flags"] == env.get("XLA_FLAGS")
+  assert student["environment"]["jax"] == importlib.metadata.version("jax") and student["environment"]["cpu"]
   assert student["curve"]["loss_pro_first"] > 0  # Distillation ran (warm-up 0) and was logged.
   diag = student["diagnostics"]  # Gradient and token norms while distilling; region agreement at test time.
   assert diag["grad_pro_layer4"] > 0 and diag["token_norm_wli"] > 0 and diag["token_norm_nbi"] > 0
@@ -304,6 +308,7 @@ def test_runner_trains_teacher_once_reuses_it_and_skips_finished_runs(tmp_path):
 
   result = json.loads((root / "ablations.json").read_text())
   assert set(result["summary"]) == {"teacher", "pro_only"}
+  assert result["settings"]["machine"]["xla_flags"] == env.get("XLA_FLAGS")
   assert [c["pass"] for c in result["criteria"]] == [None]  # No control, no PaGKD (paper) arm: not evaluable.
   assert result["summary"]["pro_only"]["auc"]["mean"] == report["auc"]
   assert "`pro_only`" in (root / "ablations.md").read_text()

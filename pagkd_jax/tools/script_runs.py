@@ -1,10 +1,14 @@
 """What the experiment scripts (scripts/ablations.py, scripts/transfer_headroom.py) share: presets named as on
 train.py's command line, and train.py / eval.py runs with their output in a log file."""
 
+import importlib.metadata
 import importlib.util
 import json
+import os
 import pathlib
+import platform
 import subprocess
+import sys
 import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -34,6 +38,28 @@ def run_logged(cmd: list[str], log_path: pathlib.Path) -> float:
     tail = log_path.read_text()[-3000:]
     raise RuntimeError(f"{' '.join(cmd)} failed with exit code {result.returncode}; log {log_path}:\n{tail}")
   return time.perf_counter() - start
+
+
+def run_environment() -> dict:
+  """What a CPU run's numbers depend on beyond its command line, for its record: the CPU model, XLA_FLAGS (e.g. an
+  ISA cap or a thread count), the JAX and jaxlib versions. Training is bit-exact only when all of them match (README,
+  "What is reproducible where"); the train.py / eval.py that a script starts inherit this process's environment."""
+  cpu = platform.processor() or None
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+  except OSError:
+    pass
+
+  def version(package):
+    try:
+      return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      return None
+
+  return {"cpu": cpu, "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS"),
+          "jax": version("jax"), "jaxlib": version("jaxlib"), "python": sys.version.split()[0],
+          "platform": platform.platform()}
 
 
 def finished_record(record_path: pathlib.Path, train_args: list[str], label: str) -> dict | None:
